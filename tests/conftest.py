@@ -1,0 +1,130 @@
+"""Shared fixtures: real servers on 127.0.0.1 (moto S3, MLflow), tiny configs, offline env."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# No hub, no telemetry, ever.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API (moto server) on 127.0.0.1; yields its endpoint URL.
+
+    Sets dummy AWS credentials in the environment for the session (never real ones).
+    """
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        wait_http(f"{endpoint}/moto-api/", 30, proc)
+        yield endpoint
+    finally:
+        stop(proc)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """A fresh bucket on the moto server; yields ``(endpoint_url, bucket_name)``."""
+    import uuid
+
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return s3_server, name
+
+
+def start_mlflow_server(workdir: Path, extra_env: dict | None = None, artifacts: str | None = None):
+    """Start ``mlflow server`` (sqlite backend) on a free port; returns ``(proc, uri)``."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "mlflow-server.log", "w")
+    cmd = [
+        str(BIN / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination", artifacts or str(workdir / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **(extra_env or {})})
+    uri = f"http://127.0.0.1:{port}"
+    wait_http(f"{uri}/health", 120, proc)
+    return proc, uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking + registry server with a sqlite backend; yields its URI."""
+    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield uri
+    finally:
+        stop(proc)
+
+
+@pytest.fixture()
+def sqlite_tracking(tmp_path):
+    """A server-less MLflow tracking URI in a temp dir (fast; for stage tests)."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def have(cmd: str) -> bool:
+    return shutil.which(cmd) is not None or (BIN / cmd).exists()
