@@ -1,0 +1,66 @@
+"""``python -m llm2clip.summary``: what the last local pipeline run made, and where.
+
+Reads ``dvc.yaml`` (as plain YAML) for each stage's outputs and their ``manifest.json``; prints
+paths, headline numbers, the registered model (once the register stage exists) and how to open
+the MLflow UI. This is the last thing ``make run`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from llm2clip.stages import STAGES
+
+HEADLINES = ("counts", "metrics", "cra_before", "cra_after", "model_uri", "alias")
+
+
+def _describe(manifest: dict) -> str:
+    parts = []
+    for key in HEADLINES:
+        if key in manifest:
+            value = manifest[key]
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, dict))
+            parts.append(f"{key}: {value}")
+    return "; ".join(parts)
+
+
+def summary_lines(repo: Path) -> list[str]:
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    lines = ["", "llm2clip pipeline outputs:"]
+    for name in STAGES:
+        outs = stages.get(name, {}).get("outs", [])
+        for out in outs:
+            path = repo / (out if isinstance(out, str) else next(iter(out)))
+            manifest_path = path / "manifest.json"
+            if manifest_path.is_file():
+                manifest = json.loads(manifest_path.read_text())
+                lines.append(f"  {name:<20} {path.relative_to(repo)}/  {_describe(manifest)}")
+            else:
+                lines.append(f"  {name:<20} {path.relative_to(repo)}/  (not produced yet)")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    lines += [
+        "",
+        f"MLflow runs: {uri}",
+        f"  open the UI: .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000",
+        "  then browse http://127.0.0.1:5000",
+    ]
+    return lines
+
+
+def main() -> int:
+    repo = Path.cwd()
+    if not (repo / "dvc.yaml").is_file():
+        sys.stderr.write("run this from the repository root (where dvc.yaml is)\n")
+        return 2
+    sys.stdout.write("\n".join(summary_lines(repo)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
