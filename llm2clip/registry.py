@@ -1,0 +1,476 @@
+"""Register a trained LLM2CLIP model in the MLflow registry: lineage tags and the alias gate.
+
+:func:`register_model` is the library side of the ``register`` stage:
+
+1. refuses to go on without evaluation metrics or without the primary metric;
+2. registers the caption encoder as its own model (``<name>-caption-encoder``), once per distinct
+   encoder (found again by :func:`encoder_fingerprint`), so an 8B LLM is stored once, not in
+   every vision version;
+3. logs the vision model as an MLflow pyfunc (:mod:`llm2clip.pyfunc`) and registers it as a new
+   version of ``<name>`` with the caller's lineage tags, ``metric.<key>`` tags and the link to
+   the encoder version; the version gets the ``challenger`` alias;
+4. moves ``champion`` to it only when its primary metric beats the champion's (read from the
+   champion's ``metric.<key>`` tag) by more than ``promote_margin``, or when there is no
+   champion; ``promotion_decision`` / ``promotion_reason`` say what happened and why.
+
+Reruns are idempotent: each version carries a ``content_fingerprint`` (sha256 of the weights,
+the model config, the metrics and the encoder fingerprint); a rerun on the same inputs finds
+that version and returns it (``reused=True``) without creating another one. A version whose
+registration was cut short (no ``promotion_decision`` yet) is finished by the rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any
+
+from llm2clip.io import StageError, sha256_file
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+ENCODER_SUFFIX = "-caption-encoder"
+METRIC_PREFIX = "metric."
+FINGERPRINT_TAG = "content_fingerprint"
+ENCODER_FINGERPRINT_TAG = "caption_encoder_fingerprint"
+DECISION_TAG, REASON_TAG = "promotion_decision", "promotion_reason"
+PROMOTED, NOT_PROMOTED = "promoted", "not_promoted"
+# Files in a caption-encoder dir that are stage reports, not part of the encoder.
+_ENCODER_REPORTS = {"manifest.json", "metrics.json"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class RegistrationError(StageError, ValueError):
+    """Registration cannot go on; the message says what is missing and what to run."""
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """What :func:`register_model` did.
+
+    Attributes:
+        name: Registered model name.
+        version: The version (new, or the one found again).
+        model_uri: ``models:/<name>/<version>``.
+        aliases: The version's aliases afterwards.
+        promoted: The version's promotion decision (made when it was first registered).
+        reused: True when no new version was created (same content registered before).
+        reason: Why it was or was not promoted.
+        primary_metric: The metric the gate compared.
+        metric: Its value for this version.
+        champion_before: The champion version before this call (None: there was none).
+        champion_before_metric: Its primary metric (None: none, or it has no such tag).
+        champion_after: The champion version afterwards.
+        caption_encoder_uri: ``models:/<name>-caption-encoder/<version>``, or "" without one.
+        fingerprint: The version's ``content_fingerprint``.
+    """
+
+    name: str
+    version: str
+    model_uri: str
+    aliases: tuple[str, ...]
+    promoted: bool
+    reused: bool
+    reason: str
+    primary_metric: str
+    metric: float
+    champion_before: str | None
+    champion_before_metric: float | None
+    champion_after: str | None
+    caption_encoder_uri: str
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------ fingerprints
+
+
+def metric_tag(key: str) -> str:
+    """``recall@1`` -> ``metric.recall_at_1`` (MLflow keys allow ``[\\w.\\- /:]`` only)."""
+    key = key.replace("@", "_at_")
+    return METRIC_PREFIX + re.sub(r"[^\w.\- /:]", "_", key)
+
+
+def check_metrics(metrics: dict[str, Any] | None, primary_metric: str) -> dict[str, float]:
+    """Flatten nested metrics (``{"a": {"b": 1}}`` -> ``a.b``), keep the numbers, check the primary.
+
+    Raises:
+        RegistrationError: No numeric metrics, or the primary metric missing or not finite.
+    """
+    from llm2clip.tracking import flatten
+
+    flat = {k: float(v) for k, v in flatten(dict(metrics or {})).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not flat:
+        raise RegistrationError("register needs evaluation metrics and got none: run the `evaluate` "
+                                "stage first and pass its metrics.json to register")
+    if primary_metric not in flat:
+        raise RegistrationError(f"the primary metric {primary_metric!r} is not among the evaluation metrics "
+                                f"{sorted(flat)}: run `evaluate` so it reports {primary_metric!r}, or set "
+                                "register.primary_metric to one of those")
+    if not math.isfinite(flat[primary_metric]):
+        raise RegistrationError(f"the primary metric {primary_metric!r} is {flat[primary_metric]}; "
+                                "fix the evaluation before registering")
+    return flat
+
+
+def read_model_dir(model_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """The weights' sha256 and the config of an exported model dir.
+
+    Raises:
+        RegistrationError: Not an exported LLM2CLIP model (run ``train_vision``).
+    """
+    from llm2clip.vision.model import CONFIG_FILE, WEIGHTS_FILE
+
+    model_dir = Path(model_dir)
+    config_path, weights_path = model_dir / CONFIG_FILE, model_dir / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise RegistrationError(f"{model_dir} has no {WEIGHTS_FILE} + {CONFIG_FILE}: pass the model exported "
+                                "by the `train_vision` stage")
+    return sha256_file(weights_path), json.loads(config_path.read_text())
+
+
+def encoder_fingerprint(encoder_dir: str | Path) -> str:
+    """sha256 of a saved caption encoder: every file (weights, config, tokenizer, settings)
+    except the stage's reports (``manifest.json``, ``metrics.json``, ``*.png``).
+
+    Raises:
+        RegistrationError: Not a saved encoder dir (no ``config.json`` or no safetensors).
+    """
+    encoder_dir = Path(encoder_dir)
+    files = sorted(p for p in encoder_dir.rglob("*") if p.is_file() and p.name not in _ENCODER_REPORTS
+                   and p.suffix != ".png"
+                   and not any(part.startswith(".") for part in p.relative_to(encoder_dir).parts))
+    names = {p.name for p in files}
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        raise RegistrationError(f"{encoder_dir} is not a saved caption encoder (config.json + safetensors): "
+                                "pass the dir written by the `caption_contrastive` stage")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(encoder_dir).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def content_fingerprint(weights_sha256: str, config: dict[str, Any], metrics: dict[str, float],
+                        encoder_fp: str) -> str:
+    """sha256 of what makes a version: weights, config (minus local paths), metrics, encoder."""
+    config = json.loads(json.dumps(config))
+    if isinstance(config.get("caption_encoder"), dict):
+        config["caption_encoder"].pop("path", None)  # where it was trained, not what it is
+    payload = {"weights": weights_sha256, "config": config, "metrics": metrics, "caption_encoder": encoder_fp}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# Packages a tower kind needs besides the common ones (distribution names).
+_TOWER_PACKAGES = {"efficientnet_lite0": ("efficientnet-lite-pytorch",)}
+
+
+def pip_requirements(tower_kind: str = "") -> list[str]:
+    """Pinned runtime requirements of the pyfunc models (the installed versions; mlflow is added
+    by MLflow itself, ``llm2clip`` travels as code)."""
+    packages = ("torch", "transformers", "safetensors", "pillow", "numpy", "pandas",
+                *_TOWER_PACKAGES.get(tower_kind, ()))
+    return [f"{pkg}=={installed_version(pkg).split('+')[0]}" for pkg in packages]
+
+
+# ----------------------------------------------------------------------------------- MLflow
+
+
+@contextlib.contextmanager
+def _tracking(uri: str) -> Iterator[Any]:
+    """Point MLflow's fluent API at ``uri`` for the block (restored after); yields a client."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _find_version(client: Any, name: str, tag: str, value: str) -> Any:
+    """The newest version of ``name`` whose tag ``tag`` equals ``value`` (None if none)."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{tag}` = '{value}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _ensure_registered_model(client: Any, name: str, description: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _experiment_id(client: Any, experiment: str, run_id: str | None) -> str:
+    if run_id:
+        return client.get_run(run_id).info.experiment_id
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else client.create_experiment(experiment)
+
+
+def _log_pyfunc(client: Any, kind: str, artifacts: dict[str, str], *, experiment_id: str,
+                run_id: str | None, model_config: dict[str, Any] | None = None, tower_kind: str = "") -> Any:
+    """Log one pyfunc from :data:`llm2clip.pyfunc.MODEL_CODE` with ``llm2clip`` as code path."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    import llm2clip
+    from llm2clip import pyfunc
+
+    vision = kind == "vision"
+    logged = client.create_logged_model(experiment_id, name=kind, source_run_id=run_id,
+                                        tags={"llm2clip.kind": kind})
+    with tempfile.TemporaryDirectory(prefix="llm2clip-pyfunc-") as tmp, warnings.catch_warnings():
+        # No input example for the encoder on purpose: MLflow would load the LLM to check it.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        code = Path(tmp) / f"{kind}_model.py"
+        code.write_text(pyfunc.MODEL_CODE[kind])
+        info = mlflow.pyfunc.log_model(
+            name=kind, python_model=str(code), artifacts=artifacts, model_id=logged.model_id,
+            code_paths=[str(Path(llm2clip.__file__).parent)], pip_requirements=pip_requirements(tower_kind),
+            signature=pyfunc.vision_signature() if vision else pyfunc.caption_encoder_signature(),
+            input_example=pyfunc.vision_input_example() if vision else None,
+            model_config=model_config,
+        )
+    if run_id:
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return info
+
+
+def _register_encoder(client: Any, encoder_dir: str | Path, name: str, *, experiment_id: str,
+                      run_id: str | None) -> tuple[str, str]:
+    """Register the caption encoder unless this exact encoder is already a version of ``name``."""
+    fingerprint = encoder_fingerprint(encoder_dir)
+    _ensure_registered_model(client, name, "LLM2CLIP caption encoder: captions -> LLM embeddings.")
+    if found := _find_version(client, name, ENCODER_FINGERPRINT_TAG, fingerprint):
+        log.info("caption encoder already registered as %s/%s", name, found.version)
+        return str(found.version), fingerprint
+    info = _log_pyfunc(client, "caption_encoder", {"caption_encoder": str(encoder_dir)},
+                       experiment_id=experiment_id, run_id=run_id)
+    config = json.loads((Path(encoder_dir) / "config.json").read_text())
+    tags = {ENCODER_FINGERPRINT_TAG: fingerprint, "embedding_dim": config.get("hidden_size", ""),
+            "model_type": config.get("model_type", "")}
+    version = str(client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
+                                              model_id=info.model_id).version)
+    log.info("registered caption encoder %s/%s (%s)", name, version, fingerprint[:12])
+    return version, fingerprint
+
+
+def _champion(client: Any, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _tag_float(model_version: Any, key: str) -> float | None:
+    try:
+        return float(model_version.tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def decide(value: float, champion: Any, primary_metric: str, margin: float,
+           greater_is_better: bool) -> tuple[bool, float | None, str]:
+    """The alias gate: ``(promote, champion_metric, reason)``.
+
+    Promote when there is no champion, or when the new value beats the champion's
+    ``metric.<primary>`` tag by more than ``margin`` (in the better direction). A champion
+    without that tag is never replaced automatically (move the alias by hand).
+    """
+    if champion is None:
+        return True, None, f"no champion yet; {primary_metric}={value:.6g}"
+    best = _tag_float(champion, metric_tag(primary_metric))
+    if best is None:
+        return False, None, (f"champion v{champion.version} has no numeric {metric_tag(primary_metric)} tag "
+                             f"to compare with; kept it (set the alias by hand to replace it)")
+    gain = (value - best) if greater_is_better else (best - value)
+    verdict = "beats" if gain > margin else "does not beat"
+    return gain > margin, best, (f"{primary_metric}={value:.6g} {verdict} champion v{champion.version} "
+                                 f"({best:.6g}) by more than the margin {margin:g} (gain {gain:+.6g})")
+
+
+def _stage_model(model_dir: Path, tmp: Path) -> Path:
+    """Only the exported files (a train_vision output may hold checkpoints next to them)."""
+    import os
+    import shutil
+
+    from llm2clip.vision.model import CONFIG_FILE, WEIGHTS_FILE
+
+    staged = tmp / "model"
+    staged.mkdir()
+    for file in (WEIGHTS_FILE, CONFIG_FILE, "manifest.json"):
+        if (model_dir / file).is_file():
+            try:
+                os.link(model_dir / file, staged / file)
+            except OSError:
+                shutil.copy2(model_dir / file, staged / file)
+    return staged
+
+
+def _version_tags(tags: dict[str, Any] | None, metrics: dict[str, float], **extra: Any) -> dict[str, str]:
+    out = {str(k): str(v) for k, v in (tags or {}).items()}
+    out.update({metric_tag(k): repr(v) for k, v in metrics.items()})
+    out.update({k: str(v) for k, v in extra.items()})
+    return out
+
+
+def register_model(model_dir: str | Path, caption_encoder_dir: str | Path | None, metrics: dict[str, Any], *,
+                   name: str, primary_metric: str, promote_margin: float = 0.0, tracking_uri: str,
+                   tags: dict[str, Any] | None = None, greater_is_better: bool = True,
+                   experiment: str = "llm2clip", run_id: str | None = None,
+                   caption_encoder_name: str | None = None) -> RegistrationResult:
+    """Register an exported LLM2CLIP model (and its caption encoder) and apply the alias gate.
+
+    Args:
+        model_dir: The exported model (``model.safetensors`` + ``llm2clip_config.json``).
+        caption_encoder_dir: The saved caption encoder; None registers an image-only model.
+        metrics: Evaluation metrics (nested dicts are flattened to ``a.b``; non-numbers ignored).
+        name: Registered model name (``[A-Za-z0-9._-]``).
+        primary_metric: The metric the gate compares (a key of the flattened ``metrics``).
+        promote_margin: How much better than the champion a version must be to replace it.
+        tracking_uri: MLflow tracking (and registry) URI.
+        tags: Lineage tags for the version (git rev, data checksums, params hash, KFP run id,
+            eval protocol, ...), written as given.
+        greater_is_better: Direction of ``primary_metric``.
+        experiment: Experiment that holds the logged models (ignored when ``run_id`` is given).
+        run_id: The register stage's run; the logged models are linked to it.
+        caption_encoder_name: Registered name of the encoder; default ``<name>-caption-encoder``.
+
+    Returns:
+        What was registered and decided.
+
+    Raises:
+        RegistrationError: No metrics, no primary metric, or not a model / encoder dir.
+    """
+    for given in (name, caption_encoder_name or name):
+        if not _NAME.match(given):
+            raise RegistrationError(f"registered model name {given!r}: use letters, digits, '.', '_', '-'")
+    flat = check_metrics(metrics, primary_metric)
+    weights_sha, config = read_model_dir(model_dir)
+    encoder_fp = encoder_fingerprint(caption_encoder_dir) if caption_encoder_dir else ""
+    fingerprint = content_fingerprint(weights_sha, config, flat, encoder_fp)
+    value = flat[primary_metric]
+    with _tracking(tracking_uri) as client:
+        _ensure_registered_model(client, name, "LLM2CLIP: images and/or captions -> unit-norm embeddings.")
+        champion = _champion(client, name)
+        version = _find_version(client, name, FINGERPRINT_TAG, fingerprint)
+        if version is not None and DECISION_TAG in version.tags:
+            log.info("%s/%s has the same content (%s): reused", name, version.version, fingerprint[:12])
+            version = client.get_model_version(name, str(version.version))  # search omits aliases
+            return _result(client, version, True, value, primary_metric, champion)
+        if version is None:
+            version_tags = _version_tags(
+                tags, flat, primary_metric=primary_metric, promote_margin=promote_margin,
+                greater_is_better=greater_is_better, weights_sha256=weights_sha,
+                embed_dim=config.get("embed_dim", ""), **{FINGERPRINT_TAG: fingerprint})
+            version = _create_version(
+                client, Path(model_dir), caption_encoder_dir, name=name, config=config, tags=version_tags,
+                encoder_name=caption_encoder_name or name + ENCODER_SUFFIX, encoder_fp=encoder_fp,
+                experiment_id=_experiment_id(client, experiment, run_id), run_id=run_id)
+        else:
+            log.info("finishing the interrupted registration of %s/%s", name, version.version)
+        _gate(client, version, value, primary_metric, promote_margin, greater_is_better, champion)
+        version = client.get_model_version(name, str(version.version))
+        return _result(client, version, False, value, primary_metric, champion)
+
+
+def _create_version(client: Any, model_dir: Path, encoder_dir: str | Path | None, *, name: str,
+                    config: dict[str, Any], tags: dict[str, str], encoder_name: str, encoder_fp: str,
+                    experiment_id: str, run_id: str | None) -> Any:
+    """Register the encoder (if new), log the vision pyfunc linked to it, create the version."""
+    from llm2clip.pyfunc import ENCODER_URI_KEY, MODEL_ARTIFACT
+
+    encoder_uri = ""
+    if encoder_dir:
+        encoder_version, _ = _register_encoder(client, encoder_dir, encoder_name,
+                                               experiment_id=experiment_id, run_id=run_id)
+        encoder_uri = f"models:/{encoder_name}/{encoder_version}"
+        tags = {**tags, "caption_encoder_model": encoder_name, "caption_encoder_version": encoder_version,
+                ENCODER_FINGERPRINT_TAG: encoder_fp}
+    trained_with = (config.get("caption_encoder") or {}).get("fingerprint")
+    if encoder_fp and trained_with and trained_with != encoder_fp:
+        log.warning("the model config names caption encoder %s; the encoder given has fingerprint %s",
+                    trained_with, encoder_fp)
+    with tempfile.TemporaryDirectory(prefix="llm2clip-register-") as tmp:
+        staged = _stage_model(model_dir, Path(tmp))
+        info = _log_pyfunc(client, "vision", {MODEL_ARTIFACT: str(staged)}, experiment_id=experiment_id,
+                           run_id=run_id, model_config={ENCODER_URI_KEY: encoder_uri},
+                           tower_kind=config.get("tower", {}).get("spec", {}).get("kind", ""))
+    version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
+                                          model_id=info.model_id)
+    log.info("registered %s/%s (%s)", name, version.version, tags[FINGERPRINT_TAG][:12])
+    return version
+
+
+def _gate(client: Any, version: Any, value: float, primary_metric: str, margin: float,
+          greater_is_better: bool, champion: Any) -> None:
+    """``challenger`` on the version; ``champion`` if it wins; the decision tags last."""
+    name = version.name
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    if champion is not None and str(champion.version) == str(version.version):
+        promote, reason = True, "already the champion (an interrupted registration, finished now)"
+    else:
+        promote, _, reason = decide(value, champion, primary_metric, margin, greater_is_better)
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    client.set_model_version_tag(name, version.version, "champion_before",
+                                 str(champion.version) if champion is not None else "")
+    client.set_model_version_tag(name, version.version, REASON_TAG, reason)
+    client.set_model_version_tag(name, version.version, DECISION_TAG, PROMOTED if promote else NOT_PROMOTED)
+    log.info("%s/%s: %s (%s)", name, version.version, PROMOTED if promote else NOT_PROMOTED, reason)
+
+
+def _version_of(model_version: Any) -> str | None:
+    return None if model_version is None else str(model_version.version)
+
+
+def _result(client: Any, version: Any, reused: bool, value: float, primary_metric: str,
+            champion_before: Any) -> RegistrationResult:
+    name = version.name
+    after = _champion(client, name)
+    before_metric = None
+    if champion_before is not None:
+        before_metric = _tag_float(champion_before, metric_tag(primary_metric))
+    tags = version.tags
+    encoder_uri = ""
+    if tags.get("caption_encoder_model"):
+        encoder_uri = f"models:/{tags['caption_encoder_model']}/{tags['caption_encoder_version']}"
+    return RegistrationResult(
+        name=name, version=str(version.version), model_uri=f"models:/{name}/{version.version}",
+        aliases=tuple(sorted(version.aliases)), promoted=tags.get(DECISION_TAG) == PROMOTED, reused=reused,
+        reason=tags.get(REASON_TAG, ""), primary_metric=primary_metric, metric=value,
+        champion_before=_version_of(champion_before), champion_before_metric=before_metric,
+        champion_after=_version_of(after),
+        caption_encoder_uri=encoder_uri, fingerprint=tags.get(FINGERPRINT_TAG, ""),
+    )
+
+
+def load_champion(name: str, tracking_uri: str):
+    """``mlflow.pyfunc.load_model("models:/<name>@champion")`` against ``tracking_uri``.
+
+    The caption encoder (if any) is fetched from the same registry on the first caption.
+    """
+    import mlflow
+
+    with _tracking(tracking_uri):
+        return mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
