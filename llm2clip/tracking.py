@@ -128,6 +128,13 @@ def lineage_tags(
     return tags
 
 
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a server-less sqlite store go next to the db, not into ./mlruns of the cwd."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None  # a server decides
+
+
 def _parent_run(client: Any, experiment_id: str, pipeline_run_id: str) -> str:
     """The run that groups one pipeline run's stages (created on first use)."""
     found = client.search_runs(
@@ -164,7 +171,8 @@ def stage_run(
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(common.experiment)
     experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(common.experiment)
+        experiment.experiment_id if experiment
+        else client.create_experiment(common.experiment, artifact_location=_artifact_root(uri))
     )
     tags = lineage_tags(stage, cfg, common, inputs or {}, pipeline_run_id)
     if pipeline_run_id:

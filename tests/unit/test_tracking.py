@@ -95,3 +95,15 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
 def test_flatten():
     assert tracking.flatten({"a": {"b": 1}, "c": [{"d": 2}], "e": []}) == {"a.b": 1, "c.0.d": 2, "e": []}
     assert json.dumps(tracking.flatten({"x": {}})) == '{"x": {}}'
+
+
+def test_sqlite_store_keeps_artifacts_next_to_the_db(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / ".." )
+    db_dir = tmp_path / "store"
+    db_dir.mkdir()
+    note = tmp_path / "note.txt"
+    note.write_text("x")
+    common = CommonConfig(tracking_uri=f"sqlite:///{db_dir / 'mlflow.db'}", experiment="t-sqlite")
+    with tracking.stage_run("prepare_data", PrepareDataConfig(), common) as tracker:
+        tracker.log_artifact(note)
+    assert list((db_dir / "mlartifacts").rglob("note.txt"))
