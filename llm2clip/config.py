@@ -46,6 +46,8 @@ class CommonConfig:
             environment or AWS profile, never from params.
         caption_fields: Named caption types every prepared sample carries, in order. The first
             two are the caption-contrastive pair and the default CRA pair.
+        registered_model: MLflow registered-model name of the vision model (evaluate compares
+            with its ``champion``; register creates versions of it).
     """
 
     seed: int = 0
@@ -54,6 +56,7 @@ class CommonConfig:
     tracking_uri: str = ""
     s3_endpoint_url: str = ""
     caption_fields: tuple[str, ...] = ("short", "dense")
+    registered_model: str = "llm2clip"
 
     def __post_init__(self) -> None:
         if len(self.caption_fields) < 1:
@@ -223,6 +226,8 @@ class CaptionContrastiveConfig:
         padding_side: ``left`` (reference) or ``right``; embeddings do not depend on it.
         lora_r, lora_alpha, lora_dropout: LoRA shape (reference r=16, alpha=32, dropout 0.05).
         lora_target_modules: Projection names, or ``["all-linear"]``.
+        lora_layers: 0: LoRA in every transformer layer (reference); k > 0: only in the last k
+            layers, so the backward pass stops there (a CPU-budget knob).
         lr: AdamW peak learning rate (reference 2e-4).
         weight_decay: AdamW weight decay on the LoRA weights.
         warmup_steps: Linear warmup steps (capped at ``max_steps``), then linear decay to 0 at
@@ -262,6 +267,7 @@ class CaptionContrastiveConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] = LLAMA_LINEAR_PROJECTIONS
+    lora_layers: int = 0
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -306,7 +312,7 @@ class CaptionContrastiveConfig:
             if value < 1:
                 raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
         non_negative = {
-            "warmup_steps": self.warmup_steps, "mntp_steps": self.mntp_steps,
+            "warmup_steps": self.warmup_steps, "mntp_steps": self.mntp_steps, "lora_layers": self.lora_layers,
             "checkpoint_every": self.checkpoint_every, "cra_max_images": self.cra_max_images,
             "weight_decay": self.weight_decay, "gradient_clipping": self.gradient_clipping,
         }
@@ -399,7 +405,219 @@ class EmbedCaptionsConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# train_vision
+
+
+@dataclass(frozen=True)
+class TrainVisionConfig:
+    """train_vision: vision tower + text adapter on frozen-LLM caption embeddings (CLIP loss).
+
+    Defaults are the small CPU demo; the paper recipe (LLM2CLIP v6 C.1, ``run.sh``) is in the
+    comments. One step = one optimizer step over ``batch_size x ranks x
+    gradient_accumulation_steps`` samples.
+
+    Attributes:
+        tower: Vision tower kind: ``clip``, ``siglip``, ``efficientnet_lite0`` or ``vit_scratch``.
+        tower_path: ``clip``/``siglip``: local Hugging Face dir (pretrained); empty: from config.
+        tower_config: Vision-config keyword arguments (sizes) for a tower built from scratch.
+        tower_pretrained: ``efficientnet_lite0``: start from the packaged ImageNet weights.
+        image_size: Input side in pixels; 0 = the tower's own (reference: 224 / 336).
+        embed_dim: Shared embedding width (reference: 1280).
+        adapter_blocks: Residual blocks of the text adapter (reference: 4).
+        adapter_expansion: Hidden width factor of each adapter block (reference: 2).
+        logit_scale_init: Initial log inverse temperature; None = the pretrained CLIP/SigLIP
+            checkpoint's (reference keeps it), else ln(1/0.07).
+        caption_mix: Caption field -> sampling weight, one caption type drawn per sample; empty
+            = equal weights over ``common.caption_fields`` (reference: short/long 50/50).
+        batch_size: Samples per rank and micro-step (reference: global 4096).
+        gradient_accumulation_steps: Micro-steps per optimizer step (plain gradient summation:
+            negatives come from the micro-batch only, unlike open_clip's ``--accum-freq``).
+        epochs: Passes of ``train_num_samples`` samples (reference: 4).
+        train_num_samples: Samples per epoch (open_clip ``--train-num-samples``); 0 = the size of
+            the train split. Shards are resampled with replacement, so an epoch is a sample count.
+        max_steps: Optimizer steps in total; 0 = ``epochs x ceil(train_num_samples / global batch)``.
+        lr: Peak AdamW learning rate (reference: 1e-5 on a pretrained tower).
+        weight_decay: AdamW weight decay, not applied to 1-d/bias/embeddings/logit_scale (0.05).
+        layer_decay: Layer-wise LR decay of the tower (reference: 0.85; 1 = off).
+        warmup_steps: Linear warmup steps before the schedule (reference: 0).
+        schedule: ``cosine`` (to 0 at the last step, open_clip ``cosine_lr``) or ``constant``.
+        zero_stage: DeepSpeed ZeRO stage 0-3 (reference: 1).
+        precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16`` (GPU only;
+            reference: fp16 with dynamic loss scaling).
+        gradient_clipping: Max global gradient norm; 0 = off (reference: 5.0).
+        gradient_checkpointing: Recompute tower activations in backward (reference: on).
+        workers: Data-loader processes per rank (0 = load in the training process).
+        shuffle_buffer: Samples in each loader's shuffle buffer (open_clip: 5000).
+        checkpoint_every: Save a resumable DeepSpeed checkpoint every N steps (and at the end).
+        keep_checkpoints: Complete checkpoints kept on disk.
+        resume: ``latest`` (continue this output's newest checkpoint), ``none`` (start over) or
+            a checkpoint directory to start from.
+        log_every: Log window averages to MLflow every N steps.
+        val_batch_size: Images per forward pass for the val retrieval metrics.
+        val_max_samples: Cap on val samples for R@1 (0 = all).
+        verify_sidecar_files: Recompute every sidecar's sha256 before training (slow on big
+            data; keys are checked sample by sample while reading either way).
+        seed_offset: Added to ``common.seed`` for this stage's generators.
+    """
+
+    tower: Literal["clip", "siglip", "efficientnet_lite0", "vit_scratch"] = "vit_scratch"
+    tower_path: str = ""
+    tower_config: dict[str, Any] = field(default_factory=dict)
+    tower_pretrained: bool = True
+    image_size: int = 0
+    embed_dim: int = 256
+    adapter_blocks: int = 4
+    adapter_expansion: float = 2.0
+    logit_scale_init: float | None = None
+    caption_mix: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    train_num_samples: int = 0
+    max_steps: int = 0
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    layer_decay: float = 1.0
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant"] = "cosine"
+    zero_stage: int = 1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_clipping: float = 5.0
+    gradient_checkpointing: bool = False
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: str = "latest"
+    log_every: int = 10
+    val_batch_size: int = 64
+    val_max_samples: int = 0
+    verify_sidecar_files: bool = False
+    seed_offset: int = 3
+
+    def __post_init__(self) -> None:
+        where = "train_vision"
+        positive = {
+            "embed_dim": self.embed_dim, "batch_size": self.batch_size, "epochs": self.epochs,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "keep_checkpoints": self.keep_checkpoints, "log_every": self.log_every,
+            "val_batch_size": self.val_batch_size,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
+        non_negative = {
+            "image_size": self.image_size, "adapter_blocks": self.adapter_blocks,
+            "train_num_samples": self.train_num_samples, "max_steps": self.max_steps,
+            "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
+            "gradient_clipping": self.gradient_clipping, "workers": self.workers,
+            "shuffle_buffer": self.shuffle_buffer, "checkpoint_every": self.checkpoint_every,
+            "val_max_samples": self.val_max_samples,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0, got {value}")
+        if self.lr <= 0 or self.adapter_expansion <= 0:
+            raise ConfigError(f"{where}.lr and adapter_expansion: must be > 0")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"{where}.layer_decay: must be in (0, 1], got {self.layer_decay}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage == 0 and self.precision in ("bf16", "fp16"):
+            # Stage 0 keeps the fp32 master weights inside DeepSpeed's fp16/bf16 wrapper, out of
+            # reach of the per-step logit-scale clamp; ZeRO >= 1 exposes them (safe_set_full_fp32_param).
+            raise ConfigError(f"{where}.zero_stage: {self.precision} needs ZeRO stage >= 1")
+        if any(w < 0 for w in self.caption_mix.values()) or (
+                self.caption_mix and sum(self.caption_mix.values()) <= 0):
+            raise ConfigError(f"{where}.caption_mix: weights must be >= 0 with a positive sum")
+        if self.tower_path and self.tower not in ("clip", "siglip"):
+            raise ConfigError(f"{where}.tower_path: only clip/siglip towers load a directory")
+        if not self.resume.strip():
+            raise ConfigError(f"{where}.resume: 'latest', 'none' or a checkpoint directory")
+
+    def tower_spec(self) -> dict[str, Any]:
+        """The :class:`llm2clip.vision.towers.TowerSpec` fields of this config."""
+        return {"kind": self.tower, "path": self.tower_path, "config": dict(self.tower_config),
+                "image_size": self.image_size, "pretrained": self.tower_pretrained,
+                "gradient_checkpointing": self.gradient_checkpointing}
+
+
+# --------------------------------------------------------------------------------------------
 # the whole file
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation set in the prepared-shard format (run prepare_data + embed_captions on it).
+
+    Attributes:
+        name: Prefix of its metrics (``<name>.<caption field>.<metric>``).
+        split: Which split of the prepared data to evaluate.
+        data: A prepare_data output dir; empty = the pipeline's own ``data`` input.
+        embeddings: Its embed_captions output dir; empty = the pipeline's own ``embeddings``.
+    """
+
+    name: str = "val"
+    split: str = "val"
+    data: str = ""
+    embeddings: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.data) != bool(self.embeddings):
+            raise ConfigError(
+                f"evaluate.eval_sets[{self.name}]: give both data and embeddings, or neither"
+            )
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """evaluate: retrieval and zero-shot metrics, comparison with the champion, a quality gate.
+
+    Attributes:
+        eval_sets: The sets to evaluate; the first one carries the primary metric.
+        primary_metric: Metric the gate and the registry compare (``mean_R_at_1`` of the first
+            set = mean of image->text and text->image R@1 over its caption fields, 1:1 protocol).
+        min_primary: Quality gate: the primary metric must reach this to be registered.
+        compare_champion: Read the current ``champion`` of ``common.registered_model`` for the
+            report's comparison columns (needs tracking on; skipped when there is none).
+        baseline_model: Optional exported model dir evaluated the same way, for comparison.
+        batch_size: Images per forward pass.
+        recall_max_k: Longest k of the recall@k curves.
+    """
+
+    eval_sets: tuple[EvalSet, ...] = (EvalSet(),)
+    primary_metric: str = "val.mean_R_at_1"
+    min_primary: float = 0.0
+    compare_champion: bool = True
+    baseline_model: str = ""
+    batch_size: int = 64
+    recall_max_k: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.eval_sets:
+            raise ConfigError("evaluate.eval_sets: at least one eval set is needed")
+        names = [s.name for s in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"evaluate.eval_sets: names must be unique, got {names}")
+        if self.batch_size < 1 or self.recall_max_k < 1:
+            raise ConfigError("evaluate.batch_size and evaluate.recall_max_k must be >= 1")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """register: log the model to the MLflow registry and move aliases.
+
+    Attributes:
+        promote_margin: ``champion`` moves only when the primary metric beats the current
+            champion's by more than this.
+        require_gate: Refuse to register when evaluate's quality gate failed.
+        caption_encoder_name: Registered name of the caption encoder; empty =
+            ``<common.registered_model>-caption-encoder``.
+    """
+
+    promote_margin: float = 0.0
+    require_gate: bool = True
+    caption_encoder_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -410,6 +628,9 @@ class Params:
     prepare_data: PrepareDataConfig = PrepareDataConfig()
     caption_contrastive: CaptionContrastiveConfig = CaptionContrastiveConfig()
     embed_captions: EmbedCaptionsConfig = EmbedCaptionsConfig()
+    train_vision: TrainVisionConfig = TrainVisionConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
 
     def section(self, name: str) -> Any:
         """The config of stage ``name``."""
@@ -602,5 +823,19 @@ def load_sections(stage: str, common: dict[str, Any], config: dict[str, Any]) ->
     Returns:
         ``(stage_config, common_config)``, checked exactly like a params file.
     """
-    params = from_dict(Params, {"common": common, stage: config})
+    params = from_dict(Params, {"common": _whole_floats_to_int(common), stage: _whole_floats_to_int(config)})
     return params.section(stage), params.common
+
+
+def _whole_floats_to_int(value: Any) -> Any:
+    """KFP passes dict parameters as protobuf Structs, where every number is a double (``0.0``).
+
+    Whole numbers become ints again; float fields accept ints, so nothing is lost.
+    """
+    if isinstance(value, dict):
+        return {k: _whole_floats_to_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_to_int(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

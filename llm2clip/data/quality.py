@@ -135,7 +135,7 @@ def run_expectations(
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     ctx.add_data_docs_site(site_name="local", site_config={
         "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_tmp)},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_tmp.resolve())},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     })
     batch = ctx.data_sources.add_pandas("prepare_data").add_dataframe_asset("samples")

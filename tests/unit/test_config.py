@@ -133,3 +133,12 @@ def test_config_hash_ignores_where_runs_are_logged():
     b = load_params(None, ["common.tracking=false", "common.tracking_uri=sqlite:///x.db",
                            "common.experiment=other"])
     assert config_hash(a.common, a.prepare_data) == config_hash(b.common, b.prepare_data)
+
+
+def test_kfp_struct_numbers_come_back_as_ints():
+    """KFP dict parameters are protobuf Structs: every number arrives as a double."""
+    cfg, common = load_sections("prepare_data", {"seed": 3.0}, {"shard_size": 1e8, "val_fraction": 0.0})
+    assert common.seed == 3 and isinstance(common.seed, int)
+    assert cfg.shard_size == 100_000_000 and cfg.val_fraction == 0.0
+    with pytest.raises(ConfigError, match="common.seed: expected int, got 1.5"):
+        load_sections("prepare_data", {"seed": 1.5}, {})

@@ -1,0 +1,36 @@
+"""prepare_data as a KFP component: the interface; the work is llm2clip.stages.prepare_data.run."""
+
+from kfp import dsl
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare_data(
+    common: dict,
+    config: dict,
+    data: dsl.Output[dsl.Dataset],
+    pipeline_run_id: str = "",
+):
+    """Validate image-caption sources and write split webdataset shards.
+
+    Runs ``llm2clip.stages.prepare_data.run``, the same function as ``dvc repro prepare_data``.
+
+    Args:
+        common: The ``common`` params section (seed, MLflow experiment and tracking, S3
+            endpoint, caption field names), validated like params.yaml; unknown keys fail.
+        config: The ``prepare_data`` params section (sources, split fraction, shard size,
+            image size, validation thresholds).
+        pipeline_run_id: Id of the pipeline run, recorded as an MLflow lineage tag; the
+            pipeline passes the KFP run id.
+
+    Returns:
+        data: Directory of ``{split}-NNNNNN.tar`` webdataset shards (``jpg`` + ``json`` with
+            named captions), ``quarantine.jsonl`` with every rejected row and its reason, the
+            validation report, and ``manifest.json`` (counts, shard checksums, config hash).
+    """
+    from llm2clip.config import load_sections
+    from llm2clip.stages.prepare_data import run
+
+    cfg, common_cfg = load_sections("prepare_data", common, config)
+    run(cfg, common_cfg, data=data.path, pipeline_run_id=pipeline_run_id)

@@ -1,0 +1,60 @@
+"""The llm2clip pipeline: the stages of dvc.yaml, in the same order, as Kubeflow tasks.
+
+Each task runs ``components/<stage>/component.py``, which calls the same
+``llm2clip.stages.<stage>.run`` as ``dvc repro``. The pipeline takes one ``dict`` parameter per
+params.yaml section and hands each task ``common`` plus its own section only: the same params
+DVC hashes for the stage, so editing one stage's section does not touch the others' inputs.
+Nothing here reads the environment or a file:
+``pipelines.submit`` / ``pipelines.local`` validate params.yaml and pass the sections in.
+
+Every task also gets ``pipeline_run_id`` = the KFP run id (``kfp.local``: a random 8-digit id),
+tagged on its MLflow run for lineage. The backend resolves that placeholder *before* it computes
+the cache key, so caching (left on) reuses a task within a run (retries) but not across runs.
+"""
+
+# No `from __future__ import annotations`: KFP reads the parameter types at decoration time.
+from typing import Any
+
+from kfp import dsl
+
+from components import component
+from llm2clip.config import Params
+
+PIPELINE_NAME = "llm2clip"
+
+
+def _stage(stage: str, common: Any, config: Any, **inputs: Any) -> dsl.PipelineTask:
+    """One task of ``stage``: its component, shown under the stage's name, with lineage."""
+    task = component(stage)(
+        common=common,
+        config=config,
+        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        **inputs,
+    )
+    task.set_display_name(stage)
+    return task
+
+
+@dsl.pipeline(name=PIPELINE_NAME)
+def llm2clip_pipeline(common: dict, prepare_data: dict) -> None:
+    """LLM2CLIP: train a CLIP vision encoder against a caption-tuned LLM text encoder.
+
+    Args:
+        common: The ``common`` params section (seed, MLflow experiment, caption fields).
+        prepare_data: The ``prepare_data`` params section (sources, validation, sharding).
+    """
+    _stage("prepare_data", common, prepare_data)
+
+
+def pipeline_arguments(params: Params) -> dict[str, dict[str, Any]]:
+    """The pipeline's arguments: one plain JSON-able dict per section it takes.
+
+    Raises:
+        RuntimeError: The pipeline takes a section that ``Params`` does not have.
+    """
+    sections = params.to_dict()
+    declared = list(llm2clip_pipeline.component_spec.inputs or {})
+    missing = sorted(set(declared) - set(sections))
+    if missing:
+        raise RuntimeError(f"the pipeline takes params sections that Params lacks: {missing}")
+    return {name: sections[name] for name in declared}

@@ -1,0 +1,82 @@
+"""Run the whole pipeline on this machine with ``kfp.local`` (no cluster, no Docker).
+
+    python -m pipelines.local [--params params.yaml] [--set section.key=value ...]
+                              [--pipeline-root local_outputs]
+
+Tasks run as subprocesses of the current interpreter (``SubprocessRunner(use_venv=False)``):
+the components install nothing (``install_kfp_package=False``, no ``packages_to_install``), so
+the venv is used as it is. Outputs land in ``<pipeline-root>/llm2clip-<timestamp>/<task>/<output>``.
+"""
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from llm2clip.config import ConfigError, Params, load_params
+from llm2clip.stages import STAGES
+from pipelines.llm2clip_pipeline import PIPELINE_NAME, llm2clip_pipeline, pipeline_arguments
+
+log = logging.getLogger("pipelines.local")
+
+
+def run_local(params: Params, pipeline_root: str | Path = "local_outputs") -> Path:
+    """Run the pipeline with ``params`` under ``kfp.local``; returns this run's output folder.
+
+    Raises:
+        RuntimeError: A task failed (kfp.local logs the task's output first).
+    """
+    from kfp import local
+
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    before = set(root.glob(f"{PIPELINE_NAME}-*"))
+    with warnings.catch_warnings():
+        # kfp.local guesses from the image *name* whether it holds Python; ours does.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        llm2clip_pipeline(**pipeline_arguments(params))
+    (run_dir,) = set(root.glob(f"{PIPELINE_NAME}-*")) - before
+    return run_dir
+
+
+def stage_outputs(run_dir: Path) -> dict[str, dict[str, Path]]:
+    """``{stage: {output name: directory}}`` of one local run (task folders use dashes)."""
+    return {
+        stage: {name: run_dir / stage.replace("_", "-") / name for name in spec.outputs}
+        for stage, spec in STAGES.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: exit 0 on success, 2 on a params error, 1 on a failed task."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.local", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one value (repeatable)")
+    parser.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),
+                        help="where kfp.local writes the runs' artifacts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        params = load_params(args.params, args.overrides)
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        return 2
+    try:
+        run_dir = run_local(params, args.pipeline_root)
+    except RuntimeError as err:
+        log.error("local pipeline run failed: %s", err)
+        return 1
+    for stage, outputs in stage_outputs(run_dir).items():
+        for name, path in outputs.items():
+            log.info("%s: %s -> %s", stage, name, path)
+    print(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

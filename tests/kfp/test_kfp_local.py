@@ -1,0 +1,94 @@
+"""The whole pipeline under kfp.local runs the same code as the CLI / dvc repro, bit for bit.
+
+A real run: ``python -m pipelines.local`` in a subprocess (SubprocessRunner, this venv), small
+``--set`` counts, MLflow tracking into a temp sqlite file.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from kfp import dsl
+from kfp_helpers import REPO
+
+from llm2clip.stages import STAGES
+
+SMALL_COUNT = 40
+
+
+def small_overrides(tracking_uri: str) -> list[str]:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    sets = [f"prepare_data.sources.{i}.count={SMALL_COUNT}"
+            for i, source in enumerate(raw["prepare_data"]["sources"]) if "count" in source]
+    return [*sets, "common.tracking=true", f"common.tracking_uri={tracking_uri}"]
+
+
+def run_module(args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # components/ and pipelines/ are not installed
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """One kfp.local run of the whole pipeline; yields (run dir, tracking URI, overrides)."""
+    tmp = tmp_path_factory.mktemp("kfp_local")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    sets = small_overrides(uri)
+    proc = run_module(["pipelines.local", "--params", str(REPO / "params.yaml"),
+                       *[a for s in sets for a in ("--set", s)], "--pipeline-root", str(tmp / "lo")],
+                      cwd=tmp)
+    run_dir = tmp / "lo" / proc.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
+    assert run_dir.is_dir() and run_dir.name.startswith("llm2clip-")
+    return run_dir, uri, sets
+
+
+def test_every_stage_output_has_a_manifest(local_run):
+    from pipelines.local import stage_outputs
+
+    run_dir, _, _ = local_run
+    for stage, outputs in stage_outputs(run_dir).items():
+        for name, path in outputs.items():
+            manifest = json.loads((path / "manifest.json").read_text())
+            assert manifest["stage"] == stage, f"{stage}.{name}"
+    data = json.loads((run_dir / "prepare-data" / "data" / "manifest.json").read_text())
+    assert data["counts"]["train"] + data["counts"]["val"] > 0
+    assert data["counts"]["seen"] <= SMALL_COUNT * len(data["sources"])
+
+
+def test_kfp_run_equals_a_cli_run(local_run, tmp_path):
+    """Same params -> the same shards, byte for byte, from `llm2clip prepare_data` and the task."""
+    run_dir, _, sets = local_run  # the same sets, tracking URI included: common is hashed
+    direct = tmp_path / "data"
+    run_module(["llm2clip", "prepare_data", "--params", str(REPO / "params.yaml"),
+                *[a for s in sets for a in ("--set", s)], "--data", str(direct)], cwd=tmp_path)
+    kfp_manifest = json.loads((run_dir / "prepare-data" / "data" / "manifest.json").read_text())
+    cli_manifest = json.loads((direct / "manifest.json").read_text())
+    assert kfp_manifest["shards"] == cli_manifest["shards"]
+    assert kfp_manifest["config_hash"] == cli_manifest["config_hash"]
+
+
+def test_tasks_are_tagged_with_the_local_pipeline_run_id(local_run):
+    """kfp.local replaces PIPELINE_JOB_ID_PLACEHOLDER with one random id for the whole run."""
+    from mlflow.tracking import MlflowClient
+
+    _, uri, _ = local_run
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = [r for r in client.search_runs(experiments, filter_string="tags.`llm2clip.stage` != 'pipeline'")
+            if "llm2clip.pipeline_run_id" in r.data.tags]  # not the CLI run of the test above
+    assert sorted(r.data.tags["llm2clip.stage"] for r in runs) == sorted(STAGES)
+    run_ids = {r.data.tags["llm2clip.pipeline_run_id"] for r in runs}
+    assert len(run_ids) == 1
+    (run_id,) = run_ids
+    assert run_id != dsl.PIPELINE_JOB_ID_PLACEHOLDER and re.fullmatch(r"\d{1,8}", run_id)
+    (parent,) = client.search_runs(experiments, filter_string="tags.`llm2clip.stage` = 'pipeline'")
+    assert parent.data.tags["llm2clip.pipeline_run_id"] == run_id
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert all(r.info.status == "FINISHED" for r in runs)
