@@ -474,3 +474,24 @@ def load_champion(name: str, tracking_uri: str):
 
     with _tracking(tracking_uri):
         return mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+
+
+def champion_metrics(name: str, tracking_uri: str) -> dict[str, float]:
+    """The current champion's metrics (its ``metric.<key>`` tags); {} when there is no champion.
+
+    Tag keys had ``@`` written as ``_at_``; the metric names of this project never contain ``@``,
+    so the keys come back unchanged.
+    """
+    from mlflow.exceptions import MlflowException
+
+    with _tracking(tracking_uri) as client:
+        try:
+            champion = _champion(client, name)
+        except MlflowException as err:
+            log.warning("could not read the champion of %s: %s", name, err)
+            return {}
+        if champion is None:
+            return {}
+        values = {k.removeprefix(METRIC_PREFIX): _tag_float(champion, k) for k in champion.tags
+                  if k.startswith(METRIC_PREFIX)}
+        return {k: v for k, v in values.items() if v is not None}
