@@ -13,12 +13,13 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 from llm2clip.config import ConfigError, load_params, load_sections
 from llm2clip.io import StageError
-from llm2clip.stages import STAGES
+from llm2clip.stages import STAGES, launch
 
 log = logging.getLogger("llm2clip")
 
@@ -79,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = {name: getattr(args, name) for name in spec.inputs + spec.outputs}
     try:
-        result = spec.module().run(cfg, common, **paths, pipeline_run_id=args.pipeline_run_id)
+        result = launch(spec.name, cfg, common, paths, args.pipeline_run_id)
     except StageError as err:
         log.error("%s failed: %s", spec.name, err)
         return 1
-    log.info("%s done: %s", spec.name, json.dumps(result.summary(), default=str))
+    except subprocess.CalledProcessError as err:
+        log.error("%s failed: torchrun exited with %s", spec.name, err.returncode)
+        return 1
+    if result is not None:
+        log.info("%s done: %s", spec.name, json.dumps(result.summary(), default=str))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,40 @@ STAGES: dict[str, StageSpec] = {
         ),
     )
 }
+
+
+
+def launch(stage: str, cfg: Any, common: Any, paths: dict[str, str], pipeline_run_id: str = "") -> Any:
+    """Run ``stage`` with typed configs: in this process, or under torchrun when it asks for more.
+
+    A stage whose config has ``nproc_per_node > 1`` is started under ``torchrun`` (unless this
+    process already is a torchrun worker) with the same sections passed as JSON; each worker then
+    calls the same ``run``. Returns ``run``'s result (None when torchrun ran it).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from llm2clip.config import to_dict
+
+    nproc = getattr(cfg, "nproc_per_node", 1)
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "llm2clip", stage,
+               "--common-json", json.dumps(to_dict(common)), "--config-json", json.dumps(to_dict(cfg)),
+               "--pipeline-run-id", pipeline_run_id]
+        for name, path in paths.items():
+            cmd += [f"--{name.replace('_', '-')}", str(path)]
+        subprocess.run(cmd, check=True)
+        return None
+    return STAGES[stage].module().run(cfg, common, **paths, pipeline_run_id=pipeline_run_id)
+
+
+def run_stage(stage: str, common: dict, config: dict, paths: dict[str, str],
+              pipeline_run_id: str = "") -> Any:
+    """Run one stage from plain dict sections: how every KFP component calls its stage."""
+    from llm2clip.config import load_sections
+
+    cfg, common_cfg = load_sections(stage, common, config)
+    return launch(stage, cfg, common_cfg, paths, pipeline_run_id)
