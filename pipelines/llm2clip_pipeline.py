@@ -36,14 +36,34 @@ def _stage(stage: str, common: Any, config: Any, **inputs: Any) -> dsl.PipelineT
 
 
 @dsl.pipeline(name=PIPELINE_NAME)
-def llm2clip_pipeline(common: dict, prepare_data: dict) -> None:
+def llm2clip_pipeline(
+    common: dict,
+    prepare_data: dict,
+    caption_contrastive: dict,
+    embed_captions: dict,
+    train_vision: dict,
+    evaluate: dict,
+    register: dict,
+) -> None:
     """LLM2CLIP: train a CLIP vision encoder against a caption-tuned LLM text encoder.
 
     Args:
         common: The ``common`` params section (seed, MLflow experiment, caption fields).
         prepare_data: The ``prepare_data`` params section (sources, validation, sharding).
+        caption_contrastive: The ``caption_contrastive`` section (base LLM, LoRA, steps).
+        embed_captions: The ``embed_captions`` section (dtype, token budget, workers).
+        train_vision: The ``train_vision`` section (tower, adapter, DeepSpeed, steps).
+        evaluate: The ``evaluate`` section (eval sets, primary metric, quality gate).
+        register: The ``register`` section (promotion margin, gate requirement).
     """
-    _stage("prepare_data", common, prepare_data)
+    data = _stage("prepare_data", common, prepare_data).outputs["data"]
+    encoder = _stage("caption_contrastive", common, caption_contrastive, data=data).outputs["caption_encoder"]
+    embeddings = _stage("embed_captions", common, embed_captions, data=data,
+                        caption_encoder=encoder).outputs["embeddings"]
+    model = _stage("train_vision", common, train_vision, data=data, embeddings=embeddings).outputs["vision_model"]
+    report = _stage("evaluate", common, evaluate, data=data, embeddings=embeddings,
+                    vision_model=model).outputs["report"]
+    _stage("register", common, register, vision_model=model, caption_encoder=encoder, report=report)
 
 
 def pipeline_arguments(params: Params) -> dict[str, dict[str, Any]]:

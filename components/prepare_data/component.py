@@ -29,8 +29,9 @@ def prepare_data(
             named captions), ``quarantine.jsonl`` with every rejected row and its reason, the
             validation report, and ``manifest.json`` (counts, shard checksums, config hash).
     """
-    from llm2clip.config import load_sections
-    from llm2clip.stages.prepare_data import run
+    from llm2clip.stages import run_stage
 
-    cfg, common_cfg = load_sections("prepare_data", common, config)
-    run(cfg, common_cfg, data=data.path, pipeline_run_id=pipeline_run_id)
+    paths = {
+        "data": data.path,
+    }
+    run_stage("prepare_data", common, config, paths, pipeline_run_id)

@@ -45,6 +45,36 @@ STAGES: dict[str, StageSpec] = {
             inputs=(),
             outputs=("data",),
         ),
+        StageSpec(
+            "caption_contrastive",
+            "tune a decoder LLM into a caption encoder (bidirectional, mean pooling, LoRA); CRA before/after",
+            inputs=("data",),
+            outputs=("caption_encoder",),
+        ),
+        StageSpec(
+            "embed_captions",
+            "embed every caption once with the frozen caption encoder into key-aligned sidecar shards",
+            inputs=("data", "caption_encoder"),
+            outputs=("embeddings",),
+        ),
+        StageSpec(
+            "train_vision",
+            "train the vision tower + LLM adapter with the CLIP loss on offline embeddings (DeepSpeed)",
+            inputs=("data", "embeddings"),
+            outputs=("vision_model",),
+        ),
+        StageSpec(
+            "evaluate",
+            "retrieval and zero-shot metrics, champion comparison, quality gate, report",
+            inputs=("data", "embeddings", "vision_model"),
+            outputs=("report",),
+        ),
+        StageSpec(
+            "register",
+            "register the evaluated model in the MLflow registry; challenger/champion aliases",
+            inputs=("vision_model", "caption_encoder", "report"),
+            outputs=("registration",),
+        ),
     )
 }
 

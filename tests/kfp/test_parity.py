@@ -97,6 +97,8 @@ def test_pipeline_task_wiring(compiled_ir, stage):
 def test_component_bodies_call_their_stage():
     for stage in STAGE_NAMES:
         source = Path(component(stage).python_func.__code__.co_filename).read_text()
-        assert f"from llm2clip.stages.{stage} import run" in source
-        assert f'load_sections("{stage}", common, config)' in source
+        assert "from llm2clip.stages import run_stage" in source
+        assert f'run_stage("{stage}", common, config, paths, pipeline_run_id)' in source
+        for name in STAGES[stage].inputs + STAGES[stage].outputs:
+            assert f'"{name}": {name}.path' in source
         assert len(source.splitlines()) <= 60, f"components/{stage}/component.py: interface only"
