@@ -138,7 +138,7 @@ class ManifestSource:
     label_column: str = ""
 
 
-Source = Union[SyntheticSource, EmojiSource, WebDatasetSource, ManifestSource]
+Source = SyntheticSource | EmojiSource | WebDatasetSource | ManifestSource
 
 
 @dataclass(frozen=True)
