@@ -1,0 +1,158 @@
+"""caption_contrastive: tune a decoder LLM into a caption encoder; CRA before and after.
+
+Runs on every rank under ``torchrun --nproc-per-node N -m llm2clip caption_contrastive ...``
+and as a plain single process. Only rank 0 writes the output and logs to MLflow. A killed run
+started again with the same config resumes from its last checkpoint (``<output>.ckpt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from llm2clip.config import CaptionContrastiveConfig, CommonConfig, config_hash
+from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, is_remote, output_dir
+from llm2clip.text import contrastive
+from llm2clip.text.artifacts import probe_embeddings, write_encoder_dir
+from llm2clip.text.cra import caption_retrieval_accuracy
+from llm2clip.text.data import read_splits
+from llm2clip.text.encoder import SETTINGS_FILE, CaptionEncoder, EncoderSettings
+from llm2clip.text.loading import load_model, load_tokenizer, resolve_model
+from llm2clip.tracking import Tracker, stage_run
+from llm2clip.train import checkpoint
+from llm2clip.train.distributed import DistContext, init_distributed
+
+STAGE = "caption_contrastive"
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionContrastiveResult:
+    """What the stage produced (the same on every rank)."""
+
+    output: str
+    cra_before: float
+    cra_after: float
+    steps: int
+    resumed_from: int
+    train_images: int
+    cra_pairs: int
+    wall_time_s: float
+
+    def summary(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def run(cfg: CaptionContrastiveConfig, common: CommonConfig, *, data: str, caption_encoder: str,
+        pipeline_run_id: str = "") -> CaptionContrastiveResult:
+    """Tune ``cfg.model`` on the captions in ``data``; write the encoder to ``caption_encoder``."""
+    started = time.monotonic()
+    ctx = init_distributed()
+    try:
+        tracking = (stage_run(STAGE, cfg, common, inputs={"data": data}, pipeline_run_id=pipeline_run_id)
+                    if ctx.is_main else contextlib.nullcontext(Tracker()))
+        with tracking as tracker:
+            result = [_run(cfg, common, ctx, tracker, data, caption_encoder, started)]
+        if ctx.world_size > 1:
+            torch.distributed.broadcast_object_list(result, src=0)  # rank 0 knows CRA after
+        return result[0]
+    finally:
+        ctx.shutdown()
+
+
+def _backbone(cfg, source: str, ckpt_dir: Path, texts: list[str], seed: int, ctx: DistContext):
+    """The model to tune: the base model, or (mntp_steps > 0) the base model after MNTP."""
+    mntp_dir = ckpt_dir / "mntp"
+    if cfg.mntp_steps and not (mntp_dir / "config.json").is_file():
+        from llm2clip.text.mntp import train_mntp
+
+        lm = load_model(source, causal_lm=True, attn_implementation=cfg.attn_implementation)
+        backbone = train_mntp(lm, load_tokenizer(source), texts, cfg, seed=seed, ctx=ctx).base_model
+        if ctx.is_main:  # kept, so a resumed run does not redo MNTP
+            backbone.save_pretrained(ckpt_dir / "tmp-mntp")
+            (ckpt_dir / "tmp-mntp").rename(mntp_dir)
+        ctx.barrier()
+        return backbone
+    path = str(mntp_dir) if cfg.mntp_steps else source
+    return load_model(path, attn_implementation=cfg.attn_implementation)
+
+
+def _cra(encoder, images, common, cfg, cache: Path | None = None) -> dict[str, float]:
+    if cache is not None and cache.is_file():  # a resumed run measured "before" already
+        return json.loads(cache.read_text())
+    result = caption_retrieval_accuracy(encoder, images, common.caption_fields, progress=True,
+                                        batch_size=cfg.encode_batch_size, max_images=cfg.cra_max_images)
+    if cache is not None:
+        atomic_write_json(cache, result)
+    return result
+
+
+def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str, started: float):
+    seed = common.seed + cfg.seed_offset
+    splits = read_splits(data, caption_fields=common.caption_fields, endpoint_url=common.s3_endpoint_url)
+    train_images, val_images = splits["train"], splits["val"]
+    if not val_images:
+        raise StageError(f"{data} has no val split: CRA needs held-out captions")
+    source = resolve_model(cfg.model, cfg.model_cache_dir)
+    data_sha = dir_fingerprint(data, common.s3_endpoint_url)
+    identity = {"config": config_hash(cfg), "seed": seed, "caption_fields": list(common.caption_fields),
+                "world_size": ctx.world_size, "data": data_sha}
+    ckpt_dir = Path(cfg.checkpoint_dir or (f".cache/checkpoints/{STAGE}-{config_hash(identity)}"
+                                           if is_remote(output) else f"{output.rstrip('/')}.ckpt"))
+    checkpoint.prepare_dir(ckpt_dir, identity, ctx)
+
+    settings = EncoderSettings(
+        pooling=cfg.pooling, bidirectional=cfg.bidirectional, prompt_template=cfg.prompt_template,
+        query_instruction=cfg.instruction, max_length=cfg.max_length, padding_side=cfg.padding_side,
+        attn_implementation=cfg.attn_implementation, base_model=cfg.model,
+    )
+    torch.manual_seed(seed)
+    texts = [c for image in train_images for _, c in image.flat(common.caption_fields)]
+    backbone = _backbone(cfg, source, ckpt_dir, texts, seed, ctx).to(ctx.device)
+    encoder = CaptionEncoder(backbone, load_tokenizer(source), settings)
+    before = _cra(encoder, val_images, common, cfg, ckpt_dir / "cra_before.json") if ctx.is_main else {}
+    ctx.barrier()
+    tracker.log_metrics({"cra_before": before.get("cra", 0.0)})
+
+    encoder.model = contrastive.add_lora(encoder.model, cfg, cfg.gradient_checkpointing)
+    try:
+        outcome = contrastive.train(encoder, train_images, cfg, caption_fields=common.caption_fields,
+                                    seed=seed, ckpt_dir=ckpt_dir, ctx=ctx,
+                                    on_log=lambda step, metrics: tracker.log_metrics(metrics, step))
+    except ValueError as err:
+        raise StageError(str(err)) from err
+    result = None
+    if ctx.is_main:
+        after = _cra(encoder, val_images, common, cfg)
+        result = CaptionContrastiveResult(output, before["cra"], after["cra"], outcome.steps,
+                                          outcome.resumed_from, len(train_images), int(after["pairs"]),
+                                          time.monotonic() - started)
+        metrics = {"cra_before": before["cra"], "cra_after": after["cra"],
+                   "cra_gain": after["cra"] - before["cra"], "final_loss": outcome.losses[-1],
+                   "steps": outcome.steps, "wall_time_s": result.wall_time_s}
+        manifest = {
+            "stage": STAGE, "config_hash": config_hash(common, cfg), "base_model": cfg.model,
+            "resolved_model": source, "cra_before": before, "cra_after": after,
+            "data": {"manifest_sha256": data_sha, "train_images": len(train_images),
+                     "val_images": len(val_images), "cra_pairs": result.cra_pairs},
+            "training": {"steps": outcome.steps, "resumed_from": outcome.resumed_from,
+                         "world_size": ctx.world_size, "global_batch": cfg.batch_size * ctx.world_size,
+                         "mntp_steps": cfg.mntp_steps, "loop_wall_time_s": outcome.wall_time_s,
+                         "precision": "bf16" if contrastive.use_bf16(cfg.precision, ctx.device) else "fp32"},
+            "wall_time_s": result.wall_time_s,
+            "probe": probe_embeddings(encoder, val_images, common.caption_fields),
+        }
+        with output_dir(output, common.s3_endpoint_url) as out:
+            write_encoder_dir(out, encoder, outcome.losses, outcome.resumed_from, metrics, manifest)
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "steps"}, step=outcome.steps)
+            for name in ("training_curve.png", "metrics.json", SETTINGS_FILE, "manifest.json"):
+                tracker.log_artifact(out / name)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ctx.barrier()
+    return result

@@ -1,0 +1,182 @@
+"""Distributed helpers shared by every trainer: init, rank/world, gather *with* gradient.
+
+Launch with ``torchrun --nproc-per-node N -m llm2clip <stage> ...`` (or the ``deepspeed``
+launcher); a plain ``python -m llm2clip <stage>`` runs as a world of one. On CPU the backend is
+gloo (no oneCCL), on GPU nccl.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DistContext:
+    """What :func:`init_distributed` set up; :meth:`shutdown` undoes exactly that.
+
+    Attributes:
+        rank: Global rank of this process.
+        world_size: Number of processes.
+        local_rank: Rank on this machine (selects the GPU).
+        device: ``cuda:<local_rank>`` on GPU machines, else ``cpu``.
+        owns_group: True when this call created the process group (so it also destroys it).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+    _env_set: tuple[str, ...] = ()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        """Destroy the group if we created it and drop the env vars the fallback set."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        for name in self._env_set:
+            os.environ.pop(name, None)
+        self.owns_group, self._env_set = False, ()
+
+
+def init_distributed(backend: str | None = None, *, deepspeed: bool = True) -> DistContext:
+    """Join (or create) the process group.
+
+    Under a launcher (``RANK``/``WORLD_SIZE`` set) every rank joins it. Without one, the
+    launcher variables are set for a world of one, because DeepSpeed otherwise falls back to
+    MPI discovery (``mpi4py`` missing). An existing group is reused and not destroyed later.
+
+    Args:
+        backend: ``gloo``/``nccl``; default nccl with CUDA, else gloo.
+        deepspeed: Initialise through ``deepspeed.init_distributed`` (what its engine expects);
+            False uses plain ``torch.distributed`` (tests, tools without DeepSpeed).
+
+    Returns:
+        The context; call ``shutdown()`` when done.
+    """
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    env_set: list[str] = []
+    if "WORLD_SIZE" not in os.environ:
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(_free_port())}
+        for name in _LAUNCHER_ENV:
+            if name not in os.environ:
+                os.environ[name] = defaults[name]
+                env_set.append(name)
+    owns = not dist.is_initialized()
+    if owns:
+        if deepspeed:
+            import deepspeed as ds
+
+            ds.init_distributed(dist_backend=backend)
+        else:
+            dist.init_process_group(backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns, tuple(env_set))
+    log.info("rank %d/%d on %s (%s)", ctx.rank, ctx.world_size, device, backend)
+    return ctx
+
+
+def get_rank() -> int:
+    """Global rank, 0 without a process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes, 1 without a process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a (detached) tensor; the tensor itself without a group."""
+    if get_world_size() == 1:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / get_world_size()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the gradient of *its* slice, summed over ranks.
+
+    Every rank computes its own loss from the gathered tensor, so the gradient w.r.t. a rank's
+    local tensor is the sum of what every rank's loss says about that slice (all_reduce SUM,
+    then slice). DeepSpeed then averages parameter gradients, which gives exactly the gradient
+    of the mean of the per-rank losses.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        longest = max(sizes)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def gather_sizes(n: int, device: torch.device | None = None) -> tuple[int, ...]:
+    """Every rank's local batch size (rank order)."""
+    if get_world_size() == 1:
+        return (n,)
+    local = torch.tensor([n], dtype=torch.long, device=device)
+    parts = [torch.zeros_like(local) for _ in range(get_world_size())]
+    dist.all_gather(parts, local)
+    return tuple(int(p.item()) for p in parts)
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``tensor`` from every rank along dim 0, keeping the autograd graph.
+
+    Local sizes may differ between ranks (a ragged last batch).
+
+    Args:
+        tensor: ``(n_local, *)`` on this rank.
+
+    Returns:
+        ``(gathered, offset)``: gathered is ``(sum of n over ranks, *)`` in rank order and
+        ``offset`` is where this rank's rows start in it (to build the labels).
+    """
+    if get_world_size() == 1:
+        return tensor, 0
+    sizes = gather_sizes(tensor.shape[0], tensor.device)
+    return _GatherWithGrad.apply(tensor, sizes), sum(sizes[: get_rank()])
