@@ -77,4 +77,14 @@ def pipeline_arguments(params: Params) -> dict[str, dict[str, Any]]:
     missing = sorted(set(declared) - set(sections))
     if missing:
         raise RuntimeError(f"the pipeline takes params sections that Params lacks: {missing}")
-    return {name: sections[name] for name in declared}
+    return {name: _without_nulls(sections[name]) for name in declared}
+
+
+def _without_nulls(value: Any) -> Any:
+    """KFP parameters cannot carry null; an absent key means the same (every optional field of
+    the params schema defaults to None), and the task re-validates the section."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value

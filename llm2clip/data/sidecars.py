@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import tarfile
 from collections.abc import Iterator
@@ -207,7 +208,7 @@ def iter_shard_pair(image_url: str, sidecar_url: str, *, endpoint_url: str = "",
 
     with open_stream(image_url, endpoint_url) as fi, open_stream(sidecar_url, endpoint_url) as fs:
         images, vectors = iter_groups(fi), iter_groups(fs)
-        for index in range(1 << 62):
+        for index in itertools.count():
             image, vector = next(images, None), next(vectors, None)
             if image is None and vector is None:
                 return
@@ -280,7 +281,9 @@ def verify_sidecars(data_dir: str, embeddings_dir: str, expected_fingerprint: st
             (:func:`llm2clip.text.embed.encoder_fingerprint` of its caption_encoder); None: any.
         endpoint_url: S3 endpoint for ``s3://`` dirs.
         check_files: Recompute every sidecar's sha256 (reads each sidecar once).
-        check_keys: Compare every sidecar's keys, in order, with its image shard's keys.
+        check_keys: Compare every sidecar's keys, in order, with its image shard's keys (reads
+            every image shard once; a training loop that reads through :func:`iter_shard_pair`
+            checks each key anyway and may pass False).
 
     Returns:
         The embeddings manifest.
@@ -304,12 +307,107 @@ def verify_sidecars(data_dir: str, embeddings_dir: str, expected_fingerprint: st
     for shard, entry in _check_alignment(data, emb, data_dir):
         url = f"{base}/{entry['name']}"
         if check_keys:
-            got, want = _keys(url, endpoint_url), _keys(f"{str(data_dir).rstrip('/')}/{shard['name']}", endpoint_url)
+            got = _keys(url, endpoint_url)
+            want = _keys(f"{str(data_dir).rstrip('/')}/{shard['name']}", endpoint_url)
             if got != want:
-                i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                pairs = zip(got, want, strict=False)
+                i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(got), len(want)))
                 raise _mismatch(url, shard["name"], i, got[i] if i < len(got) else None,
                                 want[i] if i < len(want) else None)
         if check_files and _sha256(url, endpoint_url) != entry["sha256"]:
             raise StageError(f"{url}: missing or sha256 differs from the embeddings manifest "
                              f"(changed after embed_captions); {RERUN}")
     return emb
+
+
+# ------------------------------------------------------------------------------- the output dir
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+def clean_output(out: Path, shards: set[str]) -> list[str]:
+    """Prepare an output dir for a (re)run; finished sidecars of ``shards`` are kept.
+
+    Removed: ``manifest.json`` first (the dir reads unfinished until the new one is written),
+    temp files a killed run left, sidecars/markers of image shards the data no longer has, and
+    ``zeroshot/`` (cheap, always remade).
+
+    Returns:
+        The names removed.
+    """
+    wanted = {sidecar_name(s) for s in shards} | {marker_name(s) for s in shards}
+    removed = []
+    for path in sorted(out.iterdir(), key=lambda p: p.name != "manifest.json") if out.is_dir() else []:
+        stale = SUFFIX in path.name and path.name not in wanted and not path.name.startswith(".")
+        if path.is_file() and (path.name == "manifest.json" or _is_temp(path.name) or stale):
+            path.unlink()
+            removed.append(path.name)
+    for path in sorted((out / "zeroshot").glob("*")) if (out / "zeroshot").is_dir() else []:
+        path.unlink()
+        removed.append(f"zeroshot/{path.name}")
+    return removed
+
+
+def zeroshot_classes(data_dir: str, split: str, manifest: dict[str, Any], endpoint_url: str = "",
+                     ) -> list[str]:
+    """Sorted distinct ``label`` values of a split's samples (empty when it has none)."""
+    base, labels = str(data_dir).rstrip("/"), set()
+    for entry in manifest["shards"].get(split, []):
+        for _, meta in read_shard_records(f"{base}/{entry['name']}", entry["sha256"], endpoint_url):
+            if meta.get("label") is not None:
+                labels.add(str(meta["label"]))
+    return sorted(labels)
+
+
+def write_zeroshot(out: Path, name: str, classnames: list[str], templates: list[str], vectors: np.ndarray,
+                   meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``zeroshot/<name>.npy`` (C, T, D) and ``zeroshot/<name>.json``; returns the manifest entry.
+
+    Args:
+        vectors: ``(C, T, D)`` prompt embeddings, already in the stored dtype;
+            ``vectors[c, t]`` embeds ``templates[t].format(classnames[c])``.
+        meta: Extra fields for the json (split, dtype, normalized, encoder fingerprint).
+    """
+    from llm2clip.io import atomic_path
+
+    npy, info = out / "zeroshot" / f"{name}.npy", out / "zeroshot" / f"{name}.json"
+    with atomic_path(npy) as tmp, open(tmp, "wb") as f:
+        np.save(f, vectors, allow_pickle=False)
+    atomic_write_json(info, {**meta, "classnames": classnames, "templates": templates,
+                             "shape": list(vectors.shape)})
+    return {"file": f"zeroshot/{npy.name}", "meta": f"zeroshot/{info.name}", "classes": len(classnames),
+            "templates": len(templates), "sha256": sha256_file(npy)}
+
+
+def build_manifest(identity: dict[str, Any], markers: list[dict[str, Any]], zeroshot: dict[str, Any],
+                   **provenance: Any) -> dict[str, Any]:
+    """The embeddings ``manifest.json`` (what :func:`verify_sidecars` and later stages read).
+
+    Args:
+        identity: fingerprint, dtype, normalized, caption_fields, precision, format_version.
+        markers: Done-markers of every sidecar (made now or kept).
+        zeroshot: ``{set: entry}`` from :func:`write_zeroshot`.
+        provenance: Extra top-level fields (config_hash, encoder, data).
+    """
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    for m in sorted(markers, key=lambda m: m["image_shard"]):
+        by_split.setdefault(m["split"], []).append({
+            "name": m["name"], "image_shard": m["image_shard"], "image_sha256": m["image_sha256"],
+            "count": m["count"], "sha256": m["sha256"], "captions": m["stats"]["captions"],
+        })
+    dims = {m["dim"] for m in markers}
+    return {
+        "stage": STAGE, "format_version": FORMAT_VERSION,
+        "layout": "X.tar -> X_text_embeddings.tar, same __key__s in the same order; members "
+                  "<key>.<field>.npy of shape (k, dim), k = captions of that field",
+        "dim": dims.pop() if len(dims) == 1 else None, "dtype": identity["dtype"],
+        "normalized": identity["normalized"], "caption_fields": identity["caption_fields"],
+        "precision": identity["precision"], **provenance,
+        "encoder": {**provenance.get("encoder", {}), "fingerprint": identity["fingerprint"]},
+        "sidecars": by_split,
+        "counts": {"shards": len(markers), "samples": sum(m["count"] for m in markers),
+                   "captions": sum(m["stats"]["captions"] for m in markers)},
+        "zeroshot": zeroshot,
+    }

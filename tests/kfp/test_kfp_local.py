@@ -1,7 +1,8 @@
 """The whole pipeline under kfp.local runs the same code as the CLI / dvc repro, bit for bit.
 
-A real run: ``python -m pipelines.local`` in a subprocess (SubprocessRunner, this venv), small
-``--set`` counts, MLflow tracking into a temp sqlite file.
+A real run of all six stages: ``python -m pipelines.local`` in a subprocess (SubprocessRunner,
+this venv) on tiny data and tiny models (tests/tiny_pipeline.py), MLflow tracking into a temp
+sqlite file.
 """
 
 import json
@@ -11,20 +12,15 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from kfp import dsl
 from kfp_helpers import REPO
+from tiny_pipeline import write_tiny_params
 
 from llm2clip.stages import STAGES
 
-SMALL_COUNT = 40
-
 
 def small_overrides(tracking_uri: str) -> list[str]:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    sets = [f"prepare_data.sources.{i}.count={SMALL_COUNT}"
-            for i, source in enumerate(raw["prepare_data"]["sources"]) if "count" in source]
-    return [*sets, "common.tracking=true", f"common.tracking_uri={tracking_uri}"]
+    return ["common.tracking=true", f"common.tracking_uri={tracking_uri}"]
 
 
 def run_module(args: list[str], cwd) -> subprocess.CompletedProcess:
@@ -41,32 +37,35 @@ def local_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kfp_local")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     sets = small_overrides(uri)
-    proc = run_module(["pipelines.local", "--params", str(REPO / "params.yaml"),
+    params = write_tiny_params(tmp)
+    proc = run_module(["pipelines.local", "--params", str(params),
                        *[a for s in sets for a in ("--set", s)], "--pipeline-root", str(tmp / "lo")],
                       cwd=tmp)
     run_dir = tmp / "lo" / proc.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
     assert run_dir.is_dir() and run_dir.name.startswith("llm2clip-")
-    return run_dir, uri, sets
+    return run_dir, uri, sets, params
 
 
 def test_every_stage_output_has_a_manifest(local_run):
     from pipelines.local import stage_outputs
 
-    run_dir, _, _ = local_run
+    run_dir, _, _, _ = local_run
     for stage, outputs in stage_outputs(run_dir).items():
         for name, path in outputs.items():
             manifest = json.loads((path / "manifest.json").read_text())
             assert manifest["stage"] == stage, f"{stage}.{name}"
     data = json.loads((run_dir / "prepare-data" / "data" / "manifest.json").read_text())
     assert data["counts"]["train"] + data["counts"]["val"] > 0
-    assert data["counts"]["seen"] <= SMALL_COUNT * len(data["sources"])
+    assert data["counts"]["seen"] == 48
+    registration = json.loads((run_dir / "register" / "registration" / "registration.json").read_text())
+    assert registration["champion_uri"] == "models:/llm2clip-tiny@champion"
 
 
 def test_kfp_run_equals_a_cli_run(local_run, tmp_path):
     """Same params -> the same shards, byte for byte, from `llm2clip prepare_data` and the task."""
-    run_dir, _, sets = local_run  # the same sets, tracking URI included: common is hashed
+    run_dir, _, sets, params = local_run  # the same sets, tracking URI included: common is hashed
     direct = tmp_path / "data"
-    run_module(["llm2clip", "prepare_data", "--params", str(REPO / "params.yaml"),
+    run_module(["llm2clip", "prepare_data", "--params", str(params),
                 *[a for s in sets for a in ("--set", s)], "--data", str(direct)], cwd=tmp_path)
     kfp_manifest = json.loads((run_dir / "prepare-data" / "data" / "manifest.json").read_text())
     cli_manifest = json.loads((direct / "manifest.json").read_text())
@@ -78,7 +77,7 @@ def test_tasks_are_tagged_with_the_local_pipeline_run_id(local_run):
     """kfp.local replaces PIPELINE_JOB_ID_PLACEHOLDER with one random id for the whole run."""
     from mlflow.tracking import MlflowClient
 
-    _, uri, _ = local_run
+    _, uri, _, _ = local_run
     client = MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = [r for r in client.search_runs(experiments, filter_string="tags.`llm2clip.stage` != 'pipeline'")

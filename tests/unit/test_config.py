@@ -142,3 +142,25 @@ def test_kfp_struct_numbers_come_back_as_ints():
     assert cfg.shard_size == 100_000_000 and cfg.val_fraction == 0.0
     with pytest.raises(ConfigError, match="common.seed: expected int, got 1.5"):
         load_sections("prepare_data", {"seed": 1.5}, {})
+
+
+def test_every_optional_field_defaults_to_none():
+    """pipelines.llm2clip_pipeline drops null values (KFP cannot carry them): that is only
+    lossless while every optional field's default is None."""
+    import dataclasses
+    import types
+    import typing
+
+    from llm2clip import config as cfgmod
+
+    def walk(cls):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+                assert f.default is None, f"{cls.__name__}.{f.name}"
+            for arg in (tp, *typing.get_args(tp)):
+                if dataclasses.is_dataclass(arg):
+                    walk(arg)
+
+    walk(cfgmod.Params)

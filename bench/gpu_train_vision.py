@@ -1,0 +1,109 @@
+"""GPU throughput of the train_vision trainer: ViT-B/16 + LLM2CLIP adapter, bf16, ZeRO-1.
+
+Trains a ``vit_scratch`` tower with the ViT-B/16 shape (hidden 768, 12 layers, 12 heads, patch 16,
+224 px) plus the reference adapter (4096 -> 1280, Llama-3-8B embedding width) on synthetic tensors,
+through the same code the stage runs (:func:`llm2clip.train.vision_trainer.train`, DeepSpeed,
+gathered CLIP loss, logit-scale clamp). Prints samples/s (total and per GPU) and the model FLOP
+utilisation against the GPU's bf16 dense peak. Launched by ``bench/gpu_train_vision.sh``;
+``--dry-run`` runs tiny sizes on CPU (what CI checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+
+import torch
+
+from llm2clip.config import TrainVisionConfig
+from llm2clip.train.distributed import init_distributed
+from llm2clip.train.engine import resolve_precision
+from llm2clip.train.vision_trainer import TrainPlan, train, training_flops
+from llm2clip.vision.model import LLM2CLIPModel
+
+VIT_B16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+           "patch_size": 16, "image_size": 224}
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "patch_size": 8, "image_size": 32}
+H100_BF16_DENSE_TFLOPS = 989.4  # H100/H200 SXM, dense (no sparsity)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU, fp32 (CI check)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per GPU and step")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the throughput")
+    p.add_argument("--llm-dim", type=int, default=4096)
+    p.add_argument("--embed-dim", type=int, default=1280)
+    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                   help="the GPU's dense bf16 peak per device (default: H100/H200 SXM)")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.batch_size, args.steps, args.warmup, args.llm_dim, args.embed_dim = 4, 4, 1, 16, 8
+        args.precision = "fp32" if not torch.cuda.is_available() else args.precision
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx = init_distributed()
+    try:
+        vit = TINY if args.dry_run else VIT_B16
+        cfg = TrainVisionConfig(tower="vit_scratch", tower_config=vit, image_size=vit["image_size"],
+                                embed_dim=args.embed_dim, batch_size=args.batch_size, max_steps=args.steps,
+                                lr=1e-5, warmup_steps=0, weight_decay=0.05, zero_stage=args.zero_stage,
+                                precision=args.precision, gradient_clipping=5.0, log_every=10**9,
+                                gradient_checkpointing=args.gradient_checkpointing, workers=0)
+        precision = resolve_precision(cfg.precision, ctx.device)
+        torch.manual_seed(0)
+        model = LLM2CLIPModel.build(cfg.tower_spec(), llm_dim=args.llm_dim, embed_dim=args.embed_dim).to(ctx.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        size = vit["image_size"]
+        batch = {"pixels": torch.randn(args.batch_size, 3, size, size, device=ctx.device).to(dtype),
+                 "text": torch.randn(args.batch_size, args.llm_dim, device=ctx.device)}
+        flops_per_sample = training_flops(model, batch["pixels"][:2].float(), batch["text"][:2]) / 2
+        plan = TrainPlan(args.steps, args.steps, args.batch_size * ctx.world_size, 1, precision)
+        started = time.perf_counter()
+        outcome = train(model, cfg, plan=plan, batches=lambda start, total: (batch for _ in range(start, total)),
+                        ctx=ctx, seed=0, ckpt_dir=None)
+        wall = time.perf_counter() - started
+        steady = outcome.history["samples_per_second"][args.warmup:] or outcome.history["samples_per_second"]
+        samples_s = statistics.median(steady)
+        achieved = samples_s * flops_per_sample / ctx.world_size  # FLOP/s per device
+        report = {
+            "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+            "world_size": ctx.world_size, "precision": precision, "zero_stage": args.zero_stage,
+            "tower": "ViT-B/16 224px" if not args.dry_run else "tiny (dry run)",
+            "params": sum(p.numel() for p in model.parameters()), "batch_per_gpu": args.batch_size,
+            "steps": args.steps, "samples_per_second": samples_s,
+            "samples_per_second_per_gpu": samples_s / ctx.world_size,
+            "model_gflop_per_sample": flops_per_sample / 1e9, "achieved_tflops_per_gpu": achieved / 1e12,
+            "peak_tflops_per_gpu": args.peak_tflops, "mfu": achieved / (args.peak_tflops * 1e12),
+            "final_loss": outcome.history["loss"][-1], "wall_s": wall,
+            "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                                 if ctx.device.type == "cuda" else 0.0),
+        }
+        if ctx.is_main:
+            print(f"train_vision GPU benchmark: {report['tower']} + adapter {args.llm_dim}->{args.embed_dim}, "
+                  f"{precision}, ZeRO-{args.zero_stage}, {ctx.world_size} x {report['device']}")
+            print(f"  samples/s {samples_s:.1f} ({report['samples_per_second_per_gpu']:.1f} per GPU), "
+                  f"{report['model_gflop_per_sample']:.2f} GFLOP/sample (fwd+bwd), "
+                  f"{report['achieved_tflops_per_gpu']:.1f} TFLOP/s per GPU = MFU {100 * report['mfu']:.1f}% "
+                  f"of {args.peak_tflops:.0f} TFLOP/s bf16 peak")
+            print("RESULT " + json.dumps(report))
+        return report
+    finally:
+        ctx.shutdown()
+
+
+if __name__ == "__main__":
+    main()

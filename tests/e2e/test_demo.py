@@ -1,0 +1,81 @@
+"""The demo profile end to end on the real demo models (SmolLM2-135M, demo scenes + emoji).
+
+The one slow test: every stage through the CLI, as ``dvc repro`` runs them, with the committed
+params.yaml shrunk (fewer images and steps) so it fits CI. It checks the things the demo exists
+to show: caption-contrastive tuning raises CRA, the trained model retrieves far above chance,
+and the registered champion loads in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def demo_params(workdir: Path) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["common"].update(tracking=True, tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
+                         registered_model="llm2clip-demo")
+    for source in raw["prepare_data"]["sources"]:
+        source["count"] = 240
+    raw["caption_contrastive"].update(max_steps=24, warmup_steps=3, checkpoint_every=12)
+    raw["train_vision"].update(max_steps=min(raw["train_vision"].get("max_steps", 0) or 150, 150))
+    path = workdir / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def stage(name: str, params: Path, cwd: Path, **paths: Path) -> None:
+    flags = [a for k, v in paths.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+    done = subprocess.run([sys.executable, "-m", "llm2clip", name, "--params", str(params), *flags],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, f"{name} failed:\n{done.stderr[-6000:]}"
+
+
+def test_demo_pipeline_on_the_real_models(tmp_path):
+    params = demo_params(tmp_path)
+    data, enc, emb = tmp_path / "data", tmp_path / "caption_encoder", tmp_path / "embeddings"
+    vision, report, reg = tmp_path / "vision", tmp_path / "report", tmp_path / "registration"
+    # the GGUF -> safetensors cache is shared with `make run` (params: .cache/models, relative)
+    stage("prepare_data", params, REPO, data=data)
+    stage("caption_contrastive", params, REPO, data=data, caption_encoder=enc)
+    stage("embed_captions", params, REPO, data=data, caption_encoder=enc, embeddings=emb)
+    stage("train_vision", params, REPO, data=data, embeddings=emb, vision_model=vision)
+    stage("evaluate", params, REPO, data=data, embeddings=emb, vision_model=vision, report=report)
+    stage("register", params, REPO, vision_model=vision, caption_encoder=enc, report=report,
+          registration=reg)
+
+    cc = json.loads((enc / "manifest.json").read_text())
+    assert cc["cra_after"]["cra"] > cc["cra_before"]["cra"] + 0.05, (cc["cra_before"], cc["cra_after"])
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["val.mean_R_at_1"] > 3 * metrics["val.chance_R_at_1"], metrics
+    registration = json.loads((reg / "registration.json").read_text())
+    assert "champion" in registration["aliases"]
+
+    probe = (
+        "import io, json, mlflow, pandas as pd\n"
+        "from PIL import Image\n"
+        "m = mlflow.pyfunc.load_model('models:/llm2clip-demo@champion')\n"
+        "buf = io.BytesIO(); Image.new('RGB', (64, 64), (0, 90, 200)).save(buf, 'PNG')\n"
+        "out = m.predict(pd.DataFrame({'image': [buf.getvalue(), None], 'caption': [None, 'a blue square']}))\n"
+        "img, txt = out['image_embedding'][0], out['text_embedding'][1]\n"
+        "print(json.dumps([len(img), len(txt), sum(v * v for v in img), sum(v * v for v in txt)]))\n"
+    )
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PATH": "/usr/bin:/bin",
+           "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    dim_img, dim_txt, norm_img, norm_txt = json.loads(done.stdout.strip().splitlines()[-1])
+    assert dim_img == dim_txt and norm_img == pytest.approx(1.0, abs=1e-4) == norm_txt
