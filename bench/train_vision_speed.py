@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -328,12 +329,23 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from llm2clip.train.distributed import init_distributed
-    from llm2clip.train.vision_trainer import training_flops
-
     RESULTS.update(command=" ".join(["python", "bench/train_vision_speed.py", *sys.argv[1:]]),
                    load_before=os.getloadavg(), threads=torch.get_num_threads(), batch=args.batch_size)
     root = Path(tempfile.mkdtemp(prefix="tv-bench-"))
+    try:
+        measure(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(RESULTS, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(RESULTS, indent=2))
+
+
+def measure(args, root: Path) -> None:
+    """Every measurement, in order of growing memory (the LLM is loaded last)."""
+    from llm2clip.train.distributed import init_distributed
+    from llm2clip.train.vision_trainer import training_flops
+
     subprocess.run([sys.executable, __file__, "--prepare-only", str(root), "--samples", str(args.samples)],
                    check=True)
     prepared = json.loads((root / "prepared.json").read_text())
@@ -351,9 +363,6 @@ def main() -> None:
         text_towers(args, batches, llm_dim, captions)
     RESULTS["load_after"] = os.getloadavg()
     ctx.shutdown()
-    print(json.dumps(RESULTS, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(RESULTS, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 ``caption_contrastive_loss`` is LLM2Vec's ``HardNegativeNLLLoss`` (supervised SimCSE): each
 query's positive competes with every positive and every hard negative of the *global* batch,
-gathered across ranks with gradient. The CLIP image-text loss is added later, next to it, and
-reuses :func:`llm2clip.train.distributed.all_gather_with_grad`.
+gathered across ranks with gradient. ``clip_loss`` is open_clip's symmetric image-text InfoNCE
+with ``local_loss`` + ``gather_with_grad``; both use
+:func:`llm2clip.train.distributed.all_gather_with_grad`.
 """
 
 from __future__ import annotations

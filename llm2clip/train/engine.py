@@ -164,7 +164,7 @@ def clamp_logit_scale(model: torch.nn.Module, high: float, low: float = 0.0) -> 
         safe_set_local_fp32_param,
     )
 
-    param = model.logit_scale
+    param, master = model.logit_scale, None
     if hasattr(param, "ds_id"):  # ZeRO-3
         local = safe_get_local_fp32_param(param)
         if local is not None:
@@ -172,10 +172,13 @@ def clamp_logit_scale(model: torch.nn.Module, high: float, low: float = 0.0) -> 
     else:
         master = safe_get_full_fp32_param(param)  # collective under ZeRO-1/2; None at stage 0
         if master is not None:
-            safe_set_full_fp32_param(param, master.clamp(low, high))
+            master = master.clamp(low, high)
+            safe_set_full_fp32_param(param, master)
     for piece in _local_pieces(param):
         piece.clamp_(low, high)
-    value = safe_get_full_fp32_param(param) if hasattr(param, "ds_id") else param.data
+    if hasattr(param, "ds_id"):
+        master = safe_get_full_fp32_param(param)  # gathered again, after the clamp
+    value = master if master is not None else param.data  # the fp32 master, not its bf16 copy
     return float(value.float().reshape(-1)[0])
 
 

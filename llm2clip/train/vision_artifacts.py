@@ -30,7 +30,7 @@ STAGE = "train_vision"
 # Settings that change how a run is watched or saved, not what it computes: a resumed run may
 # change them and still continue its checkpoints.
 _OPERATIONAL = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "val_batch_size",
-                "val_max_samples", "verify_sidecar_files")
+                "val_max_samples", "verify_sidecar_files", "nproc_per_node")  # (the world size is kept)
 
 
 @dataclass(frozen=True)
