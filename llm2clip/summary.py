@@ -43,6 +43,17 @@ def summary_lines(repo: Path) -> list[str]:
                 lines.append(f"  {name:<20} {path.relative_to(repo)}/  {_describe(manifest)}")
             else:
                 lines.append(f"  {name:<20} {path.relative_to(repo)}/  (not produced yet)")
+    registration = repo / "models" / "registration" / "registration.json"
+    if registration.is_file():
+        reg = json.loads(registration.read_text())
+        lines += ["", f"Registered model: {reg['model_uri']} (aliases: {', '.join(reg['aliases']) or 'none'})",
+                  f"  champion: {reg['champion_uri']}  ({reg.get('reason', '')})"]
+    report = repo / "reports" / "eval" / "manifest.json"
+    if report.is_file():
+        rep = json.loads(report.read_text())
+        lines += [f"Metrics: {rep['primary_metric']} = {rep['primary']:.4f} "
+                  f"(gate {'passed' if rep['gate_passed'] else 'FAILED'}); all: reports/eval/metrics.json, "
+                  "report: reports/eval/report.html"]
     uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
     lines += [
         "",
