@@ -98,7 +98,12 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str
     train_images, val_images = splits["train"], splits["val"]
     if not val_images:
         raise StageError(f"{data} has no val split: CRA needs held-out captions")
+    # rank 0 converts a GGUF once; the other ranks wait and then read its cache
+    if not ctx.is_main:
+        ctx.barrier()
     source = resolve_model(cfg.model, cfg.model_cache_dir)
+    if ctx.is_main:
+        ctx.barrier()
     data_sha = dir_fingerprint(data, common.s3_endpoint_url)
     identity = {"config": config_hash(cfg), "seed": seed, "caption_fields": list(common.caption_fields),
                 "world_size": ctx.world_size, "data": data_sha}

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llm2clip.data import sidecars
 from llm2clip.io import StageError, sha256_file
@@ -37,7 +38,8 @@ from llm2clip.text.encoder import SETTINGS_FILE, CaptionEncoder, EncoderSettings
 
 log = logging.getLogger(__name__)
 
-MAX_PADDING = 0.05  # most padding a batch may carry (share of its tokens)
+MAX_PADDING = 0.02  # most padding a batch may carry (share of its tokens)
+MIN_FILL = 0.5  # ... once it is at least this full (share of max_tokens)
 CHUNK = 4096  # captions tokenized at once: bounds the (chunk, longest) int tensors in memory
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -72,7 +74,7 @@ def encoder_settings(resolved: str | os.PathLike) -> EncoderSettings:
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int,
-                 max_padding: float = MAX_PADDING) -> list[list[int]]:
+                 max_padding: float = MAX_PADDING, min_fill: float = MIN_FILL) -> list[list[int]]:
     """Split captions into length-sorted batches under a token budget.
 
     Args:
@@ -82,7 +84,9 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int,
         max_batch_size: Most captions per batch.
         max_padding: A batch is closed early rather than let padding pass this share of its
             tokens (matters for small or very mixed sets; at scale sorted neighbours have
-            nearly equal lengths anyway).
+            nearly equal lengths anyway) ...
+        min_fill: ... but only once it holds ``min_fill * max_tokens`` tokens: small GEMMs
+            waste more than a little padding does.
 
     Returns:
         Batches of indices into ``lengths``, longest captions first (the biggest activation
@@ -96,8 +100,9 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int,
         if current:
             # sorted descending: the first caption of a batch is its longest
             padded = (len(current) + 1) * lengths[current[0]]
+            wasteful = padded - real - lengths[i] > max_padding * padded
             if (padded > max_tokens or len(current) >= max_batch_size
-                    or padded - real - lengths[i] > max_padding * padded):
+                    or (wasteful and len(current) * lengths[current[0]] >= min_fill * max_tokens)):
                 batches.append(current)
                 current, real = [], 0
         current.append(i)
@@ -176,6 +181,65 @@ def embed_texts(encoder: CaptionEncoder, texts: Sequence[str], *, max_tokens: in
     return out[torch.tensor([where[t] for t in texts], dtype=torch.long)]
 
 
+# ------------------------------------------------------------------------------- fused projections
+
+FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama-family names
+
+
+class _FusedGroup:
+    """Linears that read the same input, as one GEMM (e.g. q, k, v: N 576+192+192 = 960)."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum out, in)
+        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if linears[0].bias is not None else None
+        self.sizes = [lin.out_features for lin in linears]
+        self.input: torch.Tensor | None = None
+        self.parts: tuple[torch.Tensor, ...] = ()
+
+
+class _FusedPart(nn.Module):
+    """Stands in for one linear of a group: the first call on an input runs the fused GEMM,
+    the others take their slice of it (the group holds the input, so ``is`` cannot alias)."""
+
+    def __init__(self, group: _FusedGroup, index: int) -> None:
+        super().__init__()
+        self.group, self.index = group, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.group
+        if g.input is not x:  # any other input still gets the right answer, just unshared
+            g.input, g.parts = x, torch.split(F.linear(x, g.weight, g.bias), g.sizes, dim=-1)
+        out = g.parts[self.index]
+        if self.index == len(g.sizes) - 1:
+            g.input, g.parts = None, ()  # the last reader frees the cache
+        return out
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Merge q/k/v and gate/up projections into one GEMM each, for inference only.
+
+    Wider GEMMs run closer to the machine's matmul peak (k/v have N = 192 on SmolLM2); the
+    result is the same math (equal to ~1e-7). The model's state_dict changes, so only use it
+    on a model that is not saved or trained afterwards.
+
+    Returns:
+        How many groups were fused (0 for models without these Llama-family names).
+    """
+    fused = 0
+    for module in list(model.modules()):
+        for names in FUSABLE:
+            linears = [getattr(module, n, None) for n in names]
+            if not all(type(lin) is nn.Linear for lin in linears):
+                continue
+            if len({lin.in_features for lin in linears}) != 1 or len({lin.bias is None for lin in linears}) != 1:
+                continue
+            group = _FusedGroup(linears)
+            for i, n in enumerate(names):
+                setattr(module, n, _FusedPart(group, i))
+            fused += 1
+    return fused
+
+
 # ------------------------------------------------------------------------------- shards
 
 
@@ -228,7 +292,9 @@ def load_encoder(opts: EmbedOptions, worker: int = 0) -> CaptionEncoder:
     if device == "cuda":
         device = f"cuda:{worker % max(1, torch.cuda.device_count())}"
     dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
-    return CaptionEncoder.from_pretrained(opts.encoder, dtype=dtype, device=device).eval()
+    encoder = CaptionEncoder.from_pretrained(opts.encoder, dtype=dtype, device=device).eval()
+    fuse_projections(encoder.model)
+    return encoder
 
 
 def _stored(vectors: torch.Tensor, dtype: str, shard: str) -> np.ndarray:

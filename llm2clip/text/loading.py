@@ -16,6 +16,7 @@ A model spec is one of
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -81,7 +82,7 @@ def gguf_to_safetensors(gguf_file: str | os.PathLike, cache_dir: str | os.PathLi
     gguf_file = Path(gguf_file)
     target = gguf_cache_path(gguf_file, cache_dir)
     with _file_lock(Path(cache_dir) / f".{target.name}.lock"):
-        if (target / "config.json").is_file():
+        if _is_complete(target):
             return target
         log.info("converting %s to safetensors in %s (once)", gguf_file.name, target)
         folder, name = str(gguf_file.parent), gguf_file.name
@@ -96,11 +97,39 @@ def gguf_to_safetensors(gguf_file: str | os.PathLike, cache_dir: str | os.PathLi
         try:
             clean.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            os.replace(tmp, target)  # atomic: a half-written cache is never seen
+            _publish(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished conversion into place, atomically (a half-written cache is never seen).
+
+    The file lock normally makes this the only writer; where locks are not honoured (some shared
+    or network filesystems) another process may have published first: its complete copy is kept,
+    and an incomplete leftover is moved aside and replaced.
+    """
+    try:
+        os.replace(tmp, target)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if _is_complete(target):
+        log.info("%s was published by another process; keeping it", target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+    os.replace(target, stale / "old")
+    os.replace(tmp, target)
+    shutil.rmtree(stale, ignore_errors=True)
+    log.warning("replaced an incomplete model cache at %s", target)
 
 
 def resolve_model(spec: str, cache_dir: str | os.PathLike = ".cache/models") -> str:

@@ -30,7 +30,7 @@ from llm2clip.data.shards import iter_samples, load_manifest
 from llm2clip.eval.zeroshot import DEFAULT_TEMPLATES
 from llm2clip.io import StageError, sha256_file
 from llm2clip.stages import embed_captions, prepare_data
-from llm2clip.text.embed import embed_texts, encoder_fingerprint, plan_batches
+from llm2clip.text.embed import embed_texts, encoder_fingerprint, fuse_projections, plan_batches
 from llm2clip.text.encoder import SETTINGS_FILE, CaptionEncoder, EncoderSettings
 from llm2clip.text.loading import package_resource
 
@@ -84,7 +84,7 @@ def image_shards(data: str) -> list[str]:
 def test_plan_batches_covers_every_caption_once_under_the_budget():
     rng = random.Random(0)
     lengths = [rng.randint(3, 90) for _ in range(500)]
-    batches = plan_batches(lengths, max_tokens=512, max_batch_size=32, max_padding=0.1)
+    batches = plan_batches(lengths, max_tokens=512, max_batch_size=32, max_padding=0.1, min_fill=0.0)
     assert sorted(i for b in batches for i in b) == list(range(500))
     for b in batches:
         longest = max(lengths[i] for i in b)
@@ -93,6 +93,9 @@ def test_plan_batches_covers_every_caption_once_under_the_budget():
     firsts = [lengths[b[0]] for b in batches]
     assert firsts == sorted(firsts, reverse=True)  # longest first
     assert plan_batches([200, 3], 100, 8) == [[0], [1]]
+    # min_fill: padding may close a batch only once it holds half the budget (tiny GEMMs are slow)
+    filled = plan_batches(lengths, max_tokens=512, max_batch_size=32, max_padding=0.0, min_fill=0.5)
+    assert all(len(b) * lengths[b[0]] >= 256 or len(b) == 32 for b in filled[:-1])
 
 
 def test_minilm_equals_sentence_transformers():
@@ -114,6 +117,15 @@ def test_vectors_do_not_depend_on_batch_composition(tiny_encoder, normalize):
     for other in runs[1:] + [one_by_one]:
         torch.testing.assert_close(runs[0], other, atol=1e-5, rtol=0)
     assert runs[0][-1].equal(runs[0][CAPTIONS.index("a red circle")])  # duplicates: one vector
+
+
+def test_fused_projections_give_the_same_vectors(tiny_encoder):
+    plain = CaptionEncoder.from_pretrained(tiny_encoder, device="cpu")
+    fused = CaptionEncoder.from_pretrained(tiny_encoder, device="cpu")
+    assert fuse_projections(fused.model) == 4  # 2 layers x (q/k/v, gate/up)
+    assert fuse_projections(CaptionEncoder.from_pretrained(MINILM, device="cpu").model) == 0  # BERT names
+    torch.testing.assert_close(embed_texts(fused, CAPTIONS, normalize=False),
+                               embed_texts(plain, CAPTIONS, normalize=False), atol=1e-6, rtol=0)
 
 
 def test_stage_end_to_end_contract(prepared, tmp_path, sqlite_tracking):

@@ -63,3 +63,32 @@ def test_gguf_is_dequantised_once_and_cached_as_safetensors(monkeypatch):
     assert enc.is_decoder and enc.dim == 576
     vectors = enc.encode(["a dog", "a puppy"])
     assert vectors.shape == (2, 576)
+
+
+def _conversion(folder: Path, marker: str) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(marker)
+    (folder / "model.safetensors").write_text(marker)
+    return folder
+
+
+def test_publish_keeps_a_copy_another_process_finished_first(tmp_path):
+    """Where file locks are not honoured two ranks may both convert; the loser must not crash."""
+    from llm2clip.text.loading import _publish
+
+    target = _conversion(tmp_path / "model", "first")
+    _publish(_conversion(tmp_path / ".model.tmp-1", "second"), target)
+    assert (target / "config.json").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_publish_replaces_an_incomplete_leftover(tmp_path):
+    from llm2clip.text.loading import _publish
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")  # no config.json, no weights
+    _publish(_conversion(tmp_path / ".model.tmp-1", "fresh"), target)
+    assert (target / "config.json").read_text() == "fresh"
+    assert not (target / "tokenizer.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
