@@ -61,7 +61,8 @@ def test_demo_pipeline_on_the_real_models(tmp_path):
     # margin of the full demo (60 steps: 0.003 -> 0.23) is in docs/benchmarks.md
     assert cc["cra_after"]["cra"] > cc["cra_before"]["cra"], (cc["cra_before"], cc["cra_after"])
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["val.mean_R_at_1"] > 2 * metrics["val.chance_R_at_1"], metrics
+    print(json.dumps({k: metrics[k] for k in ("val.mean_R_at_1", "val.chance_R_at_1", "val.zeroshot.top1")}))
+    assert metrics["val.mean_R_at_1"] > 4 * metrics["val.chance_R_at_1"], metrics
     registration = json.loads((reg / "registration.json").read_text())
     assert "champion" in registration["aliases"]
 
