@@ -48,7 +48,6 @@ ENCODER_FINGERPRINT_TAG = "caption_encoder_fingerprint"
 DECISION_TAG, REASON_TAG = "promotion_decision", "promotion_reason"
 PROMOTED, NOT_PROMOTED = "promoted", "not_promoted"
 # Files in a caption-encoder dir that are stage reports, not part of the encoder.
-_ENCODER_REPORTS = {"manifest.json", "metrics.json"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -145,24 +144,20 @@ def read_model_dir(model_dir: str | Path) -> tuple[str, dict[str, Any]]:
 
 
 def encoder_fingerprint(encoder_dir: str | Path) -> str:
-    """sha256 of a saved caption encoder: every file (weights, config, tokenizer, settings)
-    except the stage's reports (``manifest.json``, ``metrics.json``, ``*.png``).
+    """The caption encoder's fingerprint, as ``embed_captions`` recorded it in the embeddings
+    manifest and ``train_vision`` in the model config (:func:`llm2clip.text.embed.encoder_fingerprint`:
+    weights, config, tokenizer files and encoder settings), so the three can be compared.
 
     Raises:
         RegistrationError: Not a saved encoder dir (no ``config.json`` or no safetensors).
     """
+    from llm2clip.text.embed import encoder_fingerprint as embedding_fingerprint
+
     encoder_dir = Path(encoder_dir)
-    files = sorted(p for p in encoder_dir.rglob("*") if p.is_file() and p.name not in _ENCODER_REPORTS
-                   and p.suffix != ".png"
-                   and not any(part.startswith(".") for part in p.relative_to(encoder_dir).parts))
-    names = {p.name for p in files}
-    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+    if not (encoder_dir / "config.json").is_file() or not any(encoder_dir.glob("*.safetensors")):
         raise RegistrationError(f"{encoder_dir} is not a saved caption encoder (config.json + safetensors): "
                                 "pass the dir written by the `caption_contrastive` stage")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(encoder_dir).as_posix()}\0{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
+    return embedding_fingerprint(encoder_dir)
 
 
 def content_fingerprint(weights_sha256: str, config: dict[str, Any], metrics: dict[str, float],

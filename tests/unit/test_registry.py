@@ -109,7 +109,11 @@ def test_refuses_without_metrics_before_touching_mlflow(models):
 def test_fingerprints(models, encoder_dir, tmp_path):
     import shutil
 
+    from llm2clip.text.embed import encoder_fingerprint as embedding_fingerprint
+
     first = registry.encoder_fingerprint(encoder_dir)
+    # the same value embed_captions put in the embeddings manifest (and train_vision in the config)
+    assert first == embedding_fingerprint(encoder_dir)
     copy = Path(shutil.copytree(encoder_dir, tmp_path / "enc"))
     (copy / "metrics.json").write_text("{}")  # reports do not count
     (copy / "training_curve.png").write_bytes(b"png")
