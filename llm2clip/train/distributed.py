@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (rendezvous for local process groups)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -81,7 +82,7 @@ def init_distributed(backend: str | None = None, *, deepspeed: bool = True) -> D
     env_set: list[str] = []
     if "WORLD_SIZE" not in os.environ:
         defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(_free_port())}
+                    "MASTER_PORT": str(free_port())}
         for name in _LAUNCHER_ENV:
             if name not in os.environ:
                 os.environ[name] = defaults[name]

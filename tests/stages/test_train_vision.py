@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from llm2clip.data import sidecars
 from llm2clip.io import StageError, sha256_file
 from llm2clip.stages import STAGES, prepare_data
 from llm2clip.train import vision_artifacts, vision_data
+from llm2clip.train.distributed import free_port
 from llm2clip.vision.model import LOGIT_SCALE_MAX, LLM2CLIPModel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,12 +111,6 @@ def inputs(tmp_path_factory):
     prepare_data.run(cfg, CommonConfig(tracking=False), data=str(root / "data"))
     write_embeddings(root / "data", root / "emb")
     return root / "data", root / "emb", root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_params(path: Path, tracking: str = "", **overrides) -> Path:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import run_ranks
 
 from llm2clip.losses import clip_loss
 
@@ -52,38 +50,22 @@ def test_logits_labels_and_shapes():
         clip_loss(image, text[:3], torch.tensor(1.0))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, n, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from llm2clip.train.distributed import init_distributed
-
-    ctx = init_distributed("gloo", deepspeed=False)
-    try:
-        image, text = features(n * world)
-        rows = slice(rank * n, (rank + 1) * n)
-        local = [image[rows].clone().requires_grad_(True), text[rows].clone().requires_grad_(True)]
-        scale = torch.tensor([20.0], dtype=torch.float64, requires_grad=True)
-        loss, per_image, _, labels = clip_loss(*local, scale, return_logits=True)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "grads": [t.grad for t in local], "scale_grad": scale.grad,
-                    "labels": labels, "logits_shape": tuple(per_image.shape)}, f"{folder}/rank{rank}.pt")
-    finally:
-        ctx.shutdown()
+def _rank_loss(rank, world, n):
+    image, text = features(n * world)
+    rows = slice(rank * n, (rank + 1) * n)
+    local = [image[rows].clone().requires_grad_(True), text[rows].clone().requires_grad_(True)]
+    scale = torch.tensor([20.0], dtype=torch.float64, requires_grad=True)
+    loss, per_image, _, labels = clip_loss(*local, scale, return_logits=True)
+    loss.backward()
+    return {"loss": loss.detach(), "grads": [t.grad for t in local], "scale_grad": scale.grad,
+            "labels": labels, "logits_shape": tuple(per_image.shape)}
 
 
 def test_two_ranks_equal_the_global_batch_loss_and_gradients(tmp_path):
     """Mean over ranks of the local losses (what DeepSpeed's gradient averaging optimises) and
     its gradients equal the single-process loss on the concatenated batch."""
     n = 4
-    mp.start_processes(_worker, args=(2, _free_port(), n, str(tmp_path)), nprocs=2, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_ranks(_rank_loss, tmp_path, n)
     assert ranks[1]["labels"].tolist() == [4, 5, 6, 7] and ranks[0]["logits_shape"] == (4, 8)
 
     image, text = (t.clone().requires_grad_(True) for t in features(2 * n))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo import run_ranks
 
 from llm2clip.losses import caption_contrastive_loss
 
@@ -55,37 +54,19 @@ def test_shape_mismatch_is_an_error():
         caption_contrastive_loss(q, p, n[:3])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, sizes, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from llm2clip.train.distributed import init_distributed
-
-    ctx = init_distributed("gloo", deepspeed=False)
-    try:
-        q, p, n = batch(sum(sizes))
-        start = sum(sizes[:rank])
-        local = [t[start : start + sizes[rank]].clone().requires_grad_(True) for t in (q, p, n)]
-        loss = caption_contrastive_loss(*local, scale=50.0)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "grads": [t.grad for t in local]}, f"{folder}/rank{rank}.pt")
-    finally:
-        ctx.shutdown()
+def _rank_loss(rank, world, sizes):
+    q, p, n = batch(sum(sizes))
+    start = sum(sizes[:rank])
+    local = [t[start : start + sizes[rank]].clone().requires_grad_(True) for t in (q, p, n)]
+    loss = caption_contrastive_loss(*local, scale=50.0)
+    loss.backward()
+    return {"loss": loss.detach(), "grads": [t.grad for t in local]}
 
 
 @pytest.mark.parametrize("sizes", [(4, 4), (5, 3)])
 def test_two_ranks_equal_one_rank_loss_and_gradients(sizes, tmp_path):
     """Candidates gathered with gradient: the 2-rank losses/gradients are the global batch's."""
-    mp.start_processes(_worker, args=(2, _free_port(), sizes, str(tmp_path)), nprocs=2, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_ranks(_rank_loss, tmp_path, sizes)
 
     q, p, n = (t.clone().requires_grad_(True) for t in batch(sum(sizes)))
     loss = caption_contrastive_loss(q, p, n, scale=50.0)
