@@ -12,8 +12,9 @@ One run, same captions, same torch thread count for every row:
 Captions: short + dense captions of llm2clip's synthetic and emoji demo scenes, deduplicated.
 Methods are run alternately over slices of the captions (A B, B A, ...) so that a change of
 machine load hits both. The matmul peak of this (shared) machine drifts up to 2x within seconds,
-so (c) brackets each slice of captions with two peak probes and reports the median share, and
-also the whole run against the best probe (conservative).
+so (c) brackets every forward batch with two peak probes and reports FLOPs done over FLOPs
+possible at those local peaks, the median batch, and the whole run against the best probe
+(conservative).
 
     .venv/bin/python bench/embed_speed.py --threads 2
 """
@@ -123,41 +124,51 @@ def bench_minilm(texts: list[str], max_tokens: int, rounds: int) -> list[tuple]:
     return [("MiniLM-L6", name, len(texts) / s, s) for name, s in seconds.items()]
 
 
-def utilisation(encoder, texts: list[str], max_tokens: int, non_embedding: int, segments: int) -> dict:
-    """Share of the fp32 matmul peak that ``embed_texts`` reaches, segment by segment.
+def utilisation(encoder, texts: list[str], max_tokens: int, non_embedding: int) -> dict:
+    """Share of the fp32 matmul peak that ``embed_texts`` reaches, batch by batch.
 
     This machine's matmul throughput drifts by up to 2x within seconds (shared host, clock
-    changes), so each segment of captions is bracketed by two peak probes and compared with their
-    mean; the whole-run figure against the best probe of the run is reported too (conservative).
+    changes), so every forward batch (1-2 s) is bracketed by two peak probes and compared with
+    their mean. Reported: the FLOPs done over the FLOPs possible at those local peaks (the
+    headline), the median batch, and the whole run against the best probe (conservative).
+    A batch's time includes everything ``embed_texts`` does for it (tokenizing the chunk for the
+    first batch, pooling, normalising); the probes' own time is excluded.
     """
     from llm2clip.text.embed import EmbedStats, embed_texts
 
-    size = -(-len(texts) // segments)
-    shares, total_tokens, total_padded, total_seconds, probes = [], 0, 0, 0.0, [peak_mm_flops()]
-    for s in range(segments):
-        stats = EmbedStats()
-        start = time.perf_counter()
-        embed_texts(encoder, texts[s * size : (s + 1) * size], max_tokens=max_tokens, stats=stats)
-        elapsed = time.perf_counter() - start
-        probes.append(peak_mm_flops())
-        shares.append(2 * non_embedding * stats.tokens / elapsed / ((probes[-2] + probes[-1]) / 2))
-        total_tokens, total_padded = total_tokens + stats.tokens, total_padded + stats.padded_tokens
-        total_seconds += elapsed
-    achieved = 2 * non_embedding * total_tokens / total_seconds
-    return {"tokens": total_tokens, "padded_ours": total_padded, "achieved": achieved,
-            "probes": probes, "shares": shares, "whole_run_share": achieved / max(probes)}
+    batches: list[tuple[int, float]] = []  # (real tokens, seconds)
+    probes = [peak_mm_flops(repeats=3)]
+    clock = [time.perf_counter()]
+
+    def on_batch(captions: int, tokens: int) -> None:
+        if tokens == 0:  # duplicates reported at the end: no forward pass
+            return
+        batches.append((tokens, time.perf_counter() - clock[0]))
+        probes.append(peak_mm_flops(repeats=3))
+        clock[0] = time.perf_counter()
+
+    stats = EmbedStats()
+    embed_texts(encoder, texts, max_tokens=max_tokens, stats=stats, on_batch=on_batch)
+    local = [(a + b) / 2 for a, b in zip(probes, probes[1:], strict=False)]
+    done = [2 * non_embedding * tokens for tokens, _ in batches]
+    seconds = sum(s for _, s in batches)
+    shares = sorted(f / s / p for f, (_, s), p in zip(done, batches, local, strict=True))
+    return {"tokens": stats.tokens, "padded_ours": stats.padded_tokens, "batches": len(batches),
+            "achieved": sum(done) / seconds, "probes": probes,
+            "share": sum(done) / sum(s * p for (_, s), p in zip(batches, local, strict=True)),
+            "median_share": shares[len(shares) // 2], "min_share": shares[0], "max_share": shares[-1],
+            "whole_run_share": sum(done) / seconds / max(probes)}
 
 
-def bench_smollm2(texts: list[str], max_tokens: int, rounds: int,
-                  segments: int) -> tuple[list[tuple], dict]:
-    from llm2clip.text.embed import embed_texts, fuse_projections
+def bench_smollm2(texts: list[str], max_tokens: int, rounds: int) -> tuple[list[tuple], dict]:
+    from llm2clip.text.embed import embed_texts
     from llm2clip.text.encoder import CaptionEncoder, EncoderSettings
     from llm2clip.text.loading import load_model, load_tokenizer, resolve_model
 
     path = resolve_model(SMOL, ".cache/models")
     settings = EncoderSettings(prompt_template=SMOL_TEMPLATE, max_length=512, padding_side="left")
     encoder = CaptionEncoder.from_pretrained(path, settings, device="cpu")
-    fuse_projections(encoder.model)  # what embed_captions' load_encoder does
+    assert encoder.enable_packed_inference()  # what embed_captions' load_encoder does
     plain, tokenizer = load_model(path).eval(), load_tokenizer(path)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     rendered = [settings.render(t)[0] for t in texts]  # the plain loop sees the same strings
@@ -174,7 +185,7 @@ def bench_smollm2(texts: list[str], max_tokens: int, rounds: int,
     params = sum(p.numel() for p in plain.parameters())  # the unfused copy counts every weight
     non_embedding = params - plain.get_input_embeddings().weight.numel()
     info = {"non_embedding": non_embedding, "padded_plain": padded,
-            **utilisation(encoder, texts, max_tokens, non_embedding, segments)}
+            **utilisation(encoder, texts, max_tokens, non_embedding)}
     rows = [("SmolLM2-135M", name, len(texts) / s, s) for name, s in seconds.items()]
     return rows, info
 
@@ -187,21 +198,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=1024,
                         help="embed_captions.max_tokens (its CPU default)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating slices per comparison")
-    parser.add_argument("--segments", type=int, default=3,
-                        help="peak-bracketed slices for the SmolLM2 FLOP utilisation (400 captions: one demo shard)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     captions = demo_captions(max(args.minilm_captions, args.smol_captions))
     rows = bench_minilm(captions[: args.minilm_captions], args.max_tokens, args.rounds)
-    smol_rows, info = bench_smollm2(captions[: args.smol_captions], args.max_tokens, args.rounds,
-                                    args.segments)
+    smol_rows, info = bench_smollm2(captions[: args.smol_captions], args.max_tokens, args.rounds)
     rows += smol_rows
     load_after = os.getloadavg()
 
     print(f"\ncommand: .venv/bin/python bench/embed_speed.py --threads {args.threads} "
           f"--minilm-captions {args.minilm_captions} --smol-captions {args.smol_captions} "
-          f"--max-tokens {args.max_tokens} --rounds {args.rounds} --segments {args.segments}")
+          f"--max-tokens {args.max_tokens} --rounds {args.rounds}")
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; load average "
           f"{load[0]:.2f} before, {load_after[0]:.2f} after (1-min)\n")
     print("| model | method | captions/s | seconds | speed-up |")
@@ -209,14 +217,18 @@ def main() -> None:
     for i, (model, name, rate, secs) in enumerate(rows):
         ratio = rate / rows[i + 1][2] if i % 2 == 0 else 1.0
         print(f"| {model} | {name} | {rate:.1f} | {secs:.1f} | {ratio:.2f}x |")
-    print(f"\nSmolLM2: {info['tokens']} real tokens; padded tokens computed: ours {info['padded_ours']}, "
-          f"plain {info['padded_plain']}; non-embedding params {info['non_embedding'] / 1e6:.1f} M")
-    shares = sorted(info["shares"])
-    print(f"fp32 2048^3 torch.mm probes, GFLOP/s: {', '.join(f'{p / 1e9:.0f}' for p in info['probes'])}")
-    print(f"embed_texts on SmolLM2: {info['achieved'] / 1e9:.1f} GFLOP/s; share of the peak bracketing each "
-          f"segment: median {100 * shares[len(shares) // 2]:.0f}% (segments: "
-          f"{', '.join(f'{100 * x:.0f}' for x in info['shares'])}); whole run vs the best probe "
-          f"{100 * info['whole_run_share']:.0f}%")
+    print(f"\nSmolLM2: {info['tokens']} real tokens; tokens through the linear layers: ours {info['tokens']} "
+          f"(packed), plain loop {info['padded_plain']}; ours pads only inside attention "
+          f"({info['padded_ours']} slots); non-embedding params {info['non_embedding'] / 1e6:.1f} M")
+    probes = sorted(info["probes"])
+    print(f"fp32 2048^3 torch.mm probes ({len(probes)}, one between every two batches), GFLOP/s: min "
+          f"{probes[0] / 1e9:.0f}, median {probes[len(probes) // 2] / 1e9:.0f}, max {probes[-1] / 1e9:.0f}")
+    print(f"embed_texts on SmolLM2: {info['achieved'] / 1e9:.1f} GFLOP/s over {info['batches']} batches; "
+          f"FLOP utilisation (FLOPs done / FLOPs possible at each batch's bracketing peak) "
+          f"{100 * info['share']:.0f}%; per batch: median {100 * info['median_share']:.0f}%, "
+          f"min {100 * info['min_share']:.0f}%, max {100 * info['max_share']:.0f}%; whole run vs the best "
+          f"probe {100 * info['whole_run_share']:.0f}%")
+
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,8 @@ Why it is faster than ``CaptionEncoder.encode`` with a fixed batch size:
   batches, long ones in small batches, and almost no compute is spent on padding;
 - **padding trimmed per batch**: a batch only keeps the columns its longest caption needs;
 - **inference_mode**, no graph, and duplicate captions embedded once;
+- **packed tokens** for Llama-family encoders (:mod:`llm2clip.text.packed`): no GEMM computes a
+  padded position, q/k/v and gate/up run as one GEMM each, residual adds run inside the GEMMs;
 - **per-shard work in processes**: :func:`run_jobs` spreads image shards over ``num_workers``
   spawned processes, each with ``cores // num_workers`` torch threads (or its own GPU).
 
@@ -30,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from llm2clip.data import sidecars
 from llm2clip.io import StageError, sha256_file
@@ -156,12 +157,15 @@ def embed_texts(encoder: CaptionEncoder, texts: Sequence[str], *, max_tokens: in
         for start in range(0, len(unique), CHUNK):
             enc = encoder.tokenize(list(unique[start : start + CHUNK]))  # each (n, L), padded
             lengths = enc["attention_mask"].sum(1)
-            for idx in plan_batches(lengths.tolist(), max_tokens, max_batch_size):
+            # packed encoders compute no padding in their GEMMs: batches fill the whole budget
+            max_padding = 1.0 if encoder.packed is not None else MAX_PADDING
+            for idx in plan_batches(lengths.tolist(), max_tokens, max_batch_size, max_padding):
                 rows = torch.tensor(idx)
                 width = int(lengths[rows].max())
                 cols = slice(-width, None) if left else slice(0, width)  # drop all-pad columns
                 batch = {k: v[rows][:, cols] for k, v in enc.items()}
-                emb = encoder(**batch).float()  # (b, D)
+                emb = (encoder.packed.embed(batch, encoder.settings.pooling) if encoder.packed is not None
+                       else encoder(**batch).float())  # (b, D)
                 out[rows + start] = (F.normalize(emb, dim=-1) if normalize else emb).cpu()
                 real = int(lengths[rows].sum())
                 stats.batches, stats.tokens, stats.padded_tokens = (
@@ -179,65 +183,6 @@ def embed_texts(encoder: CaptionEncoder, texts: Sequence[str], *, max_tokens: in
         return out
     where = {t: i for i, t in enumerate(unique)}
     return out[torch.tensor([where[t] for t in texts], dtype=torch.long)]
-
-
-# ------------------------------------------------------------------------------- fused projections
-
-FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama-family names
-
-
-class _FusedGroup:
-    """Linears that read the same input, as one GEMM (e.g. q, k, v: N 576+192+192 = 960)."""
-
-    def __init__(self, linears: list[nn.Linear]) -> None:
-        self.weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum out, in)
-        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if linears[0].bias is not None else None
-        self.sizes = [lin.out_features for lin in linears]
-        self.input: torch.Tensor | None = None
-        self.parts: tuple[torch.Tensor, ...] = ()
-
-
-class _FusedPart(nn.Module):
-    """Stands in for one linear of a group: the first call on an input runs the fused GEMM,
-    the others take their slice of it (the group holds the input, so ``is`` cannot alias)."""
-
-    def __init__(self, group: _FusedGroup, index: int) -> None:
-        super().__init__()
-        self.group, self.index = group, index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.group
-        if g.input is not x:  # any other input still gets the right answer, just unshared
-            g.input, g.parts = x, torch.split(F.linear(x, g.weight, g.bias), g.sizes, dim=-1)
-        out = g.parts[self.index]
-        if self.index == len(g.sizes) - 1:
-            g.input, g.parts = None, ()  # the last reader frees the cache
-        return out
-
-
-def fuse_projections(model: nn.Module) -> int:
-    """Merge q/k/v and gate/up projections into one GEMM each, for inference only.
-
-    Wider GEMMs run closer to the machine's matmul peak (k/v have N = 192 on SmolLM2); the
-    result is the same math (equal to ~1e-7). The model's state_dict changes, so only use it
-    on a model that is not saved or trained afterwards.
-
-    Returns:
-        How many groups were fused (0 for models without these Llama-family names).
-    """
-    fused = 0
-    for module in list(model.modules()):
-        for names in FUSABLE:
-            linears = [getattr(module, n, None) for n in names]
-            if not all(type(lin) is nn.Linear for lin in linears):
-                continue
-            if len({lin.in_features for lin in linears}) != 1 or len({lin.bias is None for lin in linears}) != 1:
-                continue
-            group = _FusedGroup(linears)
-            for i, n in enumerate(names):
-                setattr(module, n, _FusedPart(group, i))
-            fused += 1
-    return fused
 
 
 # ------------------------------------------------------------------------------- shards
@@ -293,7 +238,7 @@ def load_encoder(opts: EmbedOptions, worker: int = 0) -> CaptionEncoder:
         device = f"cuda:{worker % max(1, torch.cuda.device_count())}"
     dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
     encoder = CaptionEncoder.from_pretrained(opts.encoder, dtype=dtype, device=device).eval()
-    fuse_projections(encoder.model)
+    encoder.enable_packed_inference()
     return encoder
 
 

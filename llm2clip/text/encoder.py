@@ -32,6 +32,7 @@ from torch import nn
 
 from llm2clip.io import atomic_write_json
 from llm2clip.text.loading import load_model, load_tokenizer, resolve_model
+from llm2clip.text.packed import PackedDecoder
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,20 @@ class CaptionEncoder(nn.Module):
         accepted = inspect.signature(base.forward).parameters
         self._takes_position_ids = "position_ids" in accepted
         self._takes_token_types = "token_type_ids" in accepted
+        self.packed: PackedDecoder | None = None  # see enable_packed_inference
+
+    def enable_packed_inference(self) -> bool:
+        """Embed through :class:`llm2clip.text.packed.PackedDecoder` when the model allows it.
+
+        Only for a frozen encoder: q/k/v and gate/up weights are fused and frozen (same values,
+        same state_dict). Used by :func:`llm2clip.text.embed.embed_texts`; ``forward`` (training)
+        and :meth:`encode` keep the ``transformers`` forward.
+
+        Returns:
+            Whether the packed path is on (False: BERT-like, causal, LoRA-wrapped, ...).
+        """
+        self.packed = PackedDecoder.build(self.model, self.settings.bidirectional, self.settings.max_length)
+        return self.packed is not None
 
     @property
     def device(self) -> torch.device:

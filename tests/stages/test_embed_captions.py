@@ -30,7 +30,7 @@ from llm2clip.data.shards import iter_samples, load_manifest
 from llm2clip.eval.zeroshot import DEFAULT_TEMPLATES
 from llm2clip.io import StageError, sha256_file
 from llm2clip.stages import embed_captions, prepare_data
-from llm2clip.text.embed import embed_texts, encoder_fingerprint, fuse_projections, plan_batches
+from llm2clip.text.embed import EmbedOptions, embed_texts, encoder_fingerprint, load_encoder, plan_batches
 from llm2clip.text.encoder import SETTINGS_FILE, CaptionEncoder, EncoderSettings
 from llm2clip.text.loading import package_resource
 
@@ -109,23 +109,21 @@ def test_minilm_equals_sentence_transformers():
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_vectors_do_not_depend_on_batch_composition(tiny_encoder, normalize):
+@pytest.mark.parametrize("packed", [False, True])
+def test_vectors_do_not_depend_on_batch_composition(tiny_encoder, normalize, packed):
     encoder = CaptionEncoder.from_pretrained(tiny_encoder, device="cpu")
+    one_by_one = encoder.encode(CAPTIONS, batch_size=1, normalize=normalize)  # transformers forward
+    assert encoder.enable_packed_inference() if packed else encoder.packed is None
     runs = [embed_texts(encoder, CAPTIONS, max_tokens=t, max_batch_size=b, normalize=normalize)
             for t, b in ((8, 1), (64, 4), (100_000, 1000))]
-    one_by_one = encoder.encode(CAPTIONS, batch_size=1, normalize=normalize)
     for other in runs[1:] + [one_by_one]:
         torch.testing.assert_close(runs[0], other, atol=1e-5, rtol=0)
     assert runs[0][-1].equal(runs[0][CAPTIONS.index("a red circle")])  # duplicates: one vector
 
 
-def test_fused_projections_give_the_same_vectors(tiny_encoder):
-    plain = CaptionEncoder.from_pretrained(tiny_encoder, device="cpu")
-    fused = CaptionEncoder.from_pretrained(tiny_encoder, device="cpu")
-    assert fuse_projections(fused.model) == 4  # 2 layers x (q/k/v, gate/up)
-    assert fuse_projections(CaptionEncoder.from_pretrained(MINILM, device="cpu").model) == 0  # BERT names
-    torch.testing.assert_close(embed_texts(fused, CAPTIONS, normalize=False),
-                               embed_texts(plain, CAPTIONS, normalize=False), atol=1e-6, rtol=0)
+def test_stage_encoder_embeds_llama_packed_and_bert_plain(tiny_encoder, tmp_path):
+    assert load_encoder(EmbedOptions(encoder=tiny_encoder, out=str(tmp_path), caption_fields=("short",))).packed
+    assert load_encoder(EmbedOptions(encoder=MINILM, out=str(tmp_path), caption_fields=("short",))).packed is None
 
 
 def test_stage_end_to_end_contract(prepared, tmp_path, sqlite_tracking):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny_assets import make_decoder
 
 from llm2clip.text.encoder import SETTINGS_FILE, CaptionEncoder, EncoderSettings
 
@@ -114,24 +115,6 @@ def test_minilm_matches_sentence_transformers():
     assert torch.nn.functional.cosine_similarity(ours, ref).min().item() >= 0.9999
 
 
-def _family(name: str, vocab: int):
-    import transformers as tf
-
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
-    configs = {
-        "qwen2": (tf.Qwen2Config, tf.Qwen2Model, {}),
-        "mistral": (tf.MistralConfig, tf.MistralModel, {"sliding_window": None}),
-        "gemma": (tf.GemmaConfig, tf.GemmaModel, {"head_dim": 8}),
-        "gemma2": (tf.Gemma2Config, tf.Gemma2Model, {"head_dim": 8, "sliding_window": 4}),
-    }
-    config_cls, model_cls, extra = configs[name]
-    config = config_cls(**common, **extra)
-    config._attn_implementation = "eager" if name == "gemma2" else "sdpa"  # gemma2 has no sdpa
-    torch.manual_seed(0)
-    return model_cls(config).eval()
-
-
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma", "gemma2"])
 def test_other_decoder_families_go_bidirectional_and_stay_batch_invariant(tiny_llama, family):
     from transformers import AutoTokenizer
@@ -139,7 +122,7 @@ def test_other_decoder_families_go_bidirectional_and_stay_batch_invariant(tiny_l
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     states = {}
     for bidirectional in (True, False):
-        enc = CaptionEncoder(_family(family, len(tok)), tok, EncoderSettings(bidirectional=bidirectional))
+        enc = CaptionEncoder(make_decoder(family, len(tok)), tok, EncoderSettings(bidirectional=bidirectional))
         assert enc.is_decoder
         with torch.no_grad():
             a, b = (enc.token_states(**{k: v for k, v in enc.tokenize([t]).items() if k != "pool_mask"})

@@ -60,6 +60,30 @@ def make_llama(directory: Path, seed: int = 0, hidden: int = 32, causal_lm: bool
     return directory
 
 
+def make_decoder(family: str, vocab: int, **overrides):
+    """A random 2-layer decoder backbone of ``family`` (hidden 32, 4 heads, 2 kv heads), in memory.
+
+    Families: llama, qwen2 (q/k/v biases), mistral, gemma, gemma2 (sliding window 4).
+    """
+    import torch
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    configs = {
+        "llama": (tf.LlamaConfig, tf.LlamaModel, {}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2Model, {}),
+        "mistral": (tf.MistralConfig, tf.MistralModel, {"sliding_window": None}),
+        "gemma": (tf.GemmaConfig, tf.GemmaModel, {"head_dim": 8}),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2Model, {"head_dim": 8, "sliding_window": 4}),
+    }
+    config_cls, model_cls, extra = configs[family]
+    config = config_cls(**common, **{**extra, **overrides})
+    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"  # gemma2 has no sdpa
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
 def scene(i: int) -> tuple[str, str]:
     """Short and dense caption of synthetic scene ``i`` (deterministic)."""
     c1, s1 = COLOURS[i % 6], SHAPES[(i // 6) % 10]
