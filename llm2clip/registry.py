@@ -293,7 +293,7 @@ def decide(value: float, champion: Any, primary_metric: str, margin: float,
     without that tag is never replaced automatically (move the alias by hand).
     """
     if champion is None:
-        return True, None, f"no champion yet; {primary_metric}={value:.6g}"
+        return True, None, f"promoted: there was no champion before it; {primary_metric}={value:.6g}"
     best = _tag_float(champion, metric_tag(primary_metric))
     if best is None:
         return False, None, (f"champion v{champion.version} has no numeric {metric_tag(primary_metric)} tag "
