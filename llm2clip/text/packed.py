@@ -97,6 +97,7 @@ class PackedDecoder:
         if reason:
             log.info("packed inference off (%s); using the transformers forward", reason)
             return None
+        log.info("packed inference on: %s, %d layers", type(model).__name__, model.config.num_hidden_layers)
         return cls(model)
 
     @staticmethod
