@@ -24,10 +24,11 @@ def tokenizer(tiny_llama):
     return AutoTokenizer.from_pretrained(tiny_llama)
 
 
-def pair(tiny_llama, family: str, dtype=torch.float32, **settings) -> tuple[CaptionEncoder, CaptionEncoder]:
+def pair(tiny_llama, family: str, dtype=torch.float32, device="cpu",
+         **settings) -> tuple[CaptionEncoder, CaptionEncoder]:
     """The same random model twice: the transformers forward, and packed inference on."""
     tok = tokenizer(tiny_llama)
-    model = make_decoder(family, len(tok)).to(dtype)
+    model = make_decoder(family, len(tok)).to(device, dtype)
     cfg = EncoderSettings(prompt_template="[INST] {text} [/INST]", **settings)
     plain, packed = CaptionEncoder(model, tok, cfg), CaptionEncoder(copy.deepcopy(model), tok, cfg)
     assert packed.enable_packed_inference()
@@ -49,6 +50,19 @@ def test_packed_bf16_matches_within_bf16_rounding(tiny_llama):
     plain, packed = pair(tiny_llama, "llama", dtype=torch.bfloat16)
     a, b = (embed_texts(e, CAPTIONS, max_tokens=64) for e in (plain, packed))
     assert torch.nn.functional.cosine_similarity(a, b).min().item() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_on_cuda_matches_the_transformers_forward(tiny_llama):
+    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, None)):  # fp32 GEMMs may use TF32
+        plain, packed = pair(tiny_llama, "qwen2", dtype=dtype, device="cuda")
+        a, b = (embed_texts(e, CAPTIONS, max_tokens=64) for e in (plain, packed))
+        assert a.device.type == b.device.type == "cpu"  # embed_texts hands back CPU tensors
+        if atol is None:
+            assert torch.nn.functional.cosine_similarity(a, b).min().item() > 0.999
+        else:
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
 
 def test_fusing_keeps_the_model_and_its_weights(tiny_llama):
