@@ -153,12 +153,12 @@ def embed_texts(encoder: CaptionEncoder, texts: Sequence[str], *, max_tokens: in
     was_training = encoder.training
     encoder.eval()
     left = encoder.tokenizer.padding_side == "left"
+    # packed encoders compute no padding in their GEMMs: batches fill the whole budget
+    max_padding = 1.0 if encoder.packed is not None else MAX_PADDING
     try:
         for start in range(0, len(unique), CHUNK):
             enc = encoder.tokenize(list(unique[start : start + CHUNK]))  # each (n, L), padded
             lengths = enc["attention_mask"].sum(1)
-            # packed encoders compute no padding in their GEMMs: batches fill the whole budget
-            max_padding = 1.0 if encoder.packed is not None else MAX_PADDING
             for idx in plan_batches(lengths.tolist(), max_tokens, max_batch_size, max_padding):
                 rows = torch.tensor(idx)
                 width = int(lengths[rows].max())

@@ -162,10 +162,9 @@ class PackedDecoder:
         qk_width = (self.heads + self.kv_heads) * self.head_dim
         for layer in self.layers:
             qkv = F.linear(self._norm(layer.norm1, x), layer.qkv, layer.qkv_bias)  # (T, (H + 2KV) hd)
-            qk = qkv[:, :qk_width].unflatten(1, (-1, self.head_dim))  # (T, H + KV, hd)
-            qk = (qk * cos).addcmul_(_rotate_half(qk), sin)
-            x = self._add_linear(x, attend(qk.flatten(1), qkv[:, qk_width:], layer.scaling),
-                                 layer.o, layer.o_bias)
+            qk = qkv[:, :qk_width].unflatten(1, (-1, self.head_dim))  # (T, H + KV, hd), a view
+            qkv[:, :qk_width] = (qk * cos).addcmul_(_rotate_half(qk), sin).flatten(1)  # rotary
+            x = self._add_linear(x, attend(qkv, layer.scaling), layer.o, layer.o_bias)
             gate_up = F.linear(self._norm(layer.norm2, x), layer.gate_up, layer.gate_up_bias)
             gate, up = gate_up.split(layer.intermediate, dim=-1)
             x = self._add_linear(x, layer.act(gate).mul_(up), layer.down, layer.down_bias)
@@ -222,16 +221,14 @@ class _Attention:
             width = (heads + 2 * kv_heads) * head_dim
             self.buffer = like.new_zeros(self.batch * self.longest, width)
 
-    def __call__(self, qk: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
-        """``(T, H hd)`` attention output for packed ``qk`` ``(T, (H + KV) hd)`` and ``v``."""
+    def __call__(self, qkv: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``(T, H hd)`` attention output for packed ``qkv`` ``(T, (H + 2 KV) hd)``."""
         b, n, hd = self.batch, self.longest, self.head_dim
         if self.padded:
-            qk_width = qk.shape[1]
-            self.buffer[self.slots, :qk_width] = qk
-            self.buffer[self.slots, qk_width:] = v
+            self.buffer[self.slots] = qkv
             rows, mask = self.buffer, self.mask
         else:
-            rows, mask = torch.cat((qk, v), dim=1), None
+            rows, mask = qkv, None
         q, k, v = rows.view(b, n, -1, hd).split((self.heads, self.kv_heads, self.kv_heads), dim=2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, scale=scaling,
