@@ -19,18 +19,43 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip.config import CommonConfig, config_hash, to_dict
-from llm2clip.io import dir_fingerprint
+from llm2clip.io import StageError, dir_fingerprint
 
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "llm2clip.pipeline_run_id"
 
 
+CLUSTER_RUN_ENV = ("KFP_POD_NAME", "LLM2CLIP_ON_CLUSTER")
+"""Set inside a cluster run: KFP's backend sets ``KFP_POD_NAME`` on every task pod, the TrainJob
+launcher sets ``LLM2CLIP_ON_CLUSTER=1`` on every node."""
+ALLOW_LOCAL_ENV = "LLM2CLIP_ALLOW_LOCAL_TRACKING"
+MLFLOW_SECRET = "llm2clip-mlflow"
+
+
+class TrackingError(StageError):
+    """Tracking is configured so that runs would be lost; the message says what to set."""
+
+
 def resolve_tracking_uri(common: CommonConfig) -> str:
-    """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
-    if common.tracking_uri:
-        return common.tracking_uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    Raises:
+        TrackingError: Inside a KFP run or a TrainJob the URI is a local store (sqlite, file or a
+            path) that dies with the pod; ``LLM2CLIP_ALLOW_LOCAL_TRACKING=1`` opts in.
+    """
+    uri = common.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    on_cluster = [name for name in CLUSTER_RUN_ENV if os.environ.get(name)]
+    if on_cluster and not uri.startswith(("http://", "https://", "databricks")) \
+            and os.environ.get(ALLOW_LOCAL_ENV) != "1":
+        source = "common.tracking_uri" if common.tracking_uri else (
+            "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default")
+        raise TrackingError(
+            f"MLflow tracking would be lost: inside a cluster run (${on_cluster[0]} is set) the tracking URI "
+            f"from {source} is the local store {uri}, which dies with the pod. Create the Secret "
+            f"{MLFLOW_SECRET} with key MLFLOW_TRACKING_URI=http://<mlflow server> (manifests/README.md), "
+            f"or set common.tracking: false, or {ALLOW_LOCAL_ENV}=1 to keep a local store on purpose")
+    return uri
 
 
 def git_revision() -> str:

@@ -1,41 +1,59 @@
 """Compile the pipeline to its IR YAML (what the KFP UI and ``kfp.Client`` take).
 
-    python -m pipelines.compile [--output build/llm2clip_pipeline.yaml]
+    python -m pipelines.compile [--cluster cpu|gpu|PATH] [--output build/llm2clip_pipeline.yaml]
+
+The cluster profile (``params/cluster/<name>.yaml``) places every task: resources, GPUs,
+tolerations, secrets, retries, TrainJobs. Compiling reads no environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from kfp import compiler
 
-from pipelines.llm2clip_pipeline import llm2clip_pipeline
+from llm2clip.cluster.profile import load_cluster_profile
+from llm2clip.config import ConfigError
+from pipelines.llm2clip_pipeline import DEFAULT_PROFILE, build_pipeline
 
 DEFAULT_OUTPUT = Path("build/llm2clip_pipeline.yaml")
 log = logging.getLogger("pipelines.compile")
 
 
-def compile_pipeline(output: str | Path = DEFAULT_OUTPUT) -> Path:
-    """Write the pipeline's IR YAML to ``output`` (parent folders are created)."""
+def compile_pipeline(output: str | Path = DEFAULT_OUTPUT, cluster: str | Path = DEFAULT_PROFILE) -> Path:
+    """Write the pipeline placed by cluster profile ``cluster`` to ``output`` (folders are created).
+
+    Raises:
+        ConfigError: The cluster profile is missing or invalid.
+    """
     output = Path(output)
+    pipeline = build_pipeline(load_cluster_profile(cluster))
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(llm2clip_pipeline, package_path=str(output))
+    compiler.Compiler().compile(pipeline, package_path=str(output))
     return output
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; prints the path of the written YAML."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__)
+    """Command line entry point; prints the path of the written YAML (exit 2: a profile error)."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="IR YAML to write")
+    parser.add_argument("--cluster", default=DEFAULT_PROFILE,
+                        help="cluster profile: a name in params/cluster/ (cpu, gpu) or a YAML path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = compile_pipeline(args.output)
-    log.info("compiled pipeline %s", llm2clip_pipeline.name)
+    try:
+        path = compile_pipeline(args.output, args.cluster)
+    except ConfigError as err:
+        log.error("cluster profile error: %s", err)
+        return 2
+    log.info("compiled pipeline with cluster profile %s", args.cluster)
     print(path)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -3,81 +3,176 @@
 Each task runs ``components/<stage>/component.py``, which calls the same
 ``llm2clip.stages.<stage>.run`` as ``dvc repro``. The pipeline takes one ``dict`` parameter per
 params.yaml section and hands each task ``common`` plus its own section only: the same params
-DVC hashes for the stage, so editing one stage's section does not touch the others' inputs.
-Nothing here reads the environment or a file:
-``pipelines.submit`` / ``pipelines.local`` validate params.yaml and pass the sections in.
+DVC hashes for the stage. Nothing here reads the environment: ``pipelines.submit`` /
+``pipelines.local`` validate params.yaml and pass the sections in.
 
-Every task also gets ``pipeline_run_id`` = the KFP run id (``kfp.local``: a random 8-digit id),
-tagged on its MLflow run for lineage. The backend resolves that placeholder *before* it computes
-the cache key, so caching (left on) reuses a task within a run (retries) but not across runs.
+Where each task runs comes from a cluster profile (``params/cluster/<name>.yaml``), applied at
+compile time with kfp + kfp-kubernetes: resources, accelerator, node selector, tolerations, a
+memory-backed ``/dev/shm``, timeout, retries with backoff, pull policy, a non-root security
+context, Secrets as env vars, and for training stages with ``launcher: trainjob`` a small
+launcher pod that creates a Kubeflow Trainer TrainJob (:mod:`llm2clip.cluster.trainjob`).
+
+Caching (KFP's key is a hash of a task's input parameter values, its input artifacts' ids, its
+command/args and image; not its env or pod settings):
+- data: an upstream task that reran produces new artifacts, so every consumer's key changes;
+- the stage section and ``common``: input parameters;
+- code: the image tag names the source digest (``components.image_tag``), and each task's image
+  is a pipeline parameter, so new code is a new key; a new image is a new key too;
+- never otherwise: the run id is not a parameter (the pod's ``pipeline/runid`` label reaches the
+  stage as ``$LLM2CLIP_PIPELINE_RUN_ID`` through the downward API), nor are the cluster
+  profile's resources (env/pod settings). A TrainJob launcher takes its stage's input artifacts,
+  so new data always reruns it; ``num_nodes`` is a parameter because it sets the world size.
 """
 
 # No `from __future__ import annotations`: KFP reads the parameter types at decoration time.
+import json
 from typing import Any
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
-from components import component
-from llm2clip.config import Params
+from components import component, image_tag
+from llm2clip.cluster.profile import TRAINING_STAGES, ClusterProfile, TaskProfile, load_cluster_profile
+from llm2clip.cluster.task import PIPELINE_RUN_ENV, PROFILE_ENV
+from llm2clip.config import Params, to_dict
 
 PIPELINE_NAME = "llm2clip"
+DEFAULT_PROFILE = "cpu"
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
+"""The KFP backend labels every pod of a run with its id (v2 engine, backend >= 2.1)."""
+SHM_VOLUME = "dshm"
 
 
-def _stage(stage: str, common: Any, config: Any, **inputs: Any) -> dsl.PipelineTask:
-    """One task of ``stage``: its component, shown under the stage's name, with lineage."""
-    task = component(stage)(
-        common=common,
-        config=config,
-        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        **inputs,
-    )
+def launcher_pod(task: TaskProfile) -> TaskProfile:
+    """The pod of a TrainJob launcher task: small, CPU, with the stage's timeout and retries."""
+    return TaskProfile(cpu_request="250m", cpu_limit="1", memory_request="512Mi", memory_limit="1Gi",
+                       timeout_s=task.timeout_s, retries=task.retries, backoff_duration=task.backoff_duration,
+                       backoff_factor=task.backoff_factor, backoff_max_duration=task.backoff_max_duration)
+
+
+def apply_profile(task: dsl.PipelineTask, pod: TaskProfile, profile: ClusterProfile) -> None:
+    """Pod settings of one task (kfp + kfp-kubernetes); none of them enters the cache key."""
+    if pod.cpu_request:
+        task.set_cpu_request(pod.cpu_request)
+    if pod.cpu_limit:
+        task.set_cpu_limit(pod.cpu_limit)
+    if pod.memory_request:
+        task.set_memory_request(pod.memory_request)
+    if pod.memory_limit:
+        task.set_memory_limit(pod.memory_limit)
+    if pod.accelerator_count:
+        task.set_accelerator_type(pod.accelerator_type).set_accelerator_limit(pod.accelerator_count)
+    for key, value in sorted(pod.node_selector.items()):
+        kubernetes.add_node_selector(task, key, value)
+    for toleration in pod.tolerations:
+        kubernetes.add_toleration(task, key=toleration.key or None, operator=toleration.operator,
+                                  value=toleration.value or None, effect=toleration.effect or None)
+    if pod.shm_size:
+        kubernetes.empty_dir_mount(task, SHM_VOLUME, "/dev/shm", medium="Memory", size_limit=pod.shm_size)
+    if pod.timeout_s:
+        kubernetes.set_timeout(task, pod.timeout_s)
+    if pod.retries:
+        task.set_retry(pod.retries, pod.backoff_duration, pod.backoff_factor, pod.backoff_max_duration)
+    kubernetes.set_image_pull_policy(task, profile.image_pull_policy)
+    kubernetes.set_security_context(task, run_as_user=profile.run_as_user, run_as_group=profile.run_as_user,
+                                    run_as_non_root=True)
+    for secret in profile.secrets:
+        kubernetes.use_secret_as_env(task, secret.secret, dict(secret.env), optional=secret.optional)
+    kubernetes.use_field_path_as_env(task, PIPELINE_RUN_ENV, RUN_ID_FIELD)
+
+
+def _stage(profile: ClusterProfile, stage: str, sections: dict[str, Any], images: dict[str, Any],
+           **inputs: Any) -> dsl.PipelineTask:
+    """One task of ``stage``: its component under the stage's name, placed by the profile."""
+    settings = profile.task(stage)
+    trainjob = settings.launcher == "trainjob"
+    extra: dict[str, Any] = {}
+    if stage in TRAINING_STAGES:
+        extra = {"num_nodes": settings.num_nodes,
+                 "trainjob_image": (images["gpu"] if settings.gpu else images["cpu"]) if trainjob else ""}
+    task = component(stage)(common=sections["common"], config=sections[stage], **inputs, **extra)
     task.set_display_name(stage)
+    pod = launcher_pod(settings) if trainjob else settings
+    apply_profile(task, pod, profile)
+    task.set_container_image(images["gpu"] if pod.gpu else images["cpu"])
+    if trainjob:
+        task.set_env_variable(PROFILE_ENV, json.dumps(to_dict(profile), sort_keys=True, separators=(",", ":")))
     return task
 
 
-@dsl.pipeline(name=PIPELINE_NAME)
-def llm2clip_pipeline(
-    common: dict,
-    prepare_data: dict,
-    caption_contrastive: dict,
-    embed_captions: dict,
-    train_vision: dict,
-    evaluate: dict,
-    register: dict,
-) -> None:
-    """LLM2CLIP: train a CLIP vision encoder against a caption-tuned LLM text encoder.
+def build_pipeline(profile: ClusterProfile | None = None):
+    """The pipeline placed by ``profile`` (default ``params/cluster/cpu.yaml``)."""
+    profile = profile or load_cluster_profile(DEFAULT_PROFILE)
+    defaults = {flavor: image_tag(flavor, profile.image_repository) for flavor in ("cpu", "gpu")}
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=f"LLM2CLIP, cluster profile {profile.name}")
+    def llm2clip_pipeline(
+        common: dict,
+        prepare_data: dict,
+        caption_contrastive: dict,
+        embed_captions: dict,
+        train_vision: dict,
+        evaluate: dict,
+        register: dict,
+        image: str = defaults["cpu"],
+        gpu_image: str = defaults["gpu"],
+    ) -> None:
+        """LLM2CLIP: train a CLIP vision encoder against a caption-tuned LLM text encoder.
+
+        Args:
+            common: The ``common`` params section (seed, MLflow experiment, caption fields).
+            prepare_data: The ``prepare_data`` params section (sources, validation, sharding).
+            caption_contrastive: The ``caption_contrastive`` section (base LLM, LoRA, steps).
+            embed_captions: The ``embed_captions`` section (dtype, token budget, workers).
+            train_vision: The ``train_vision`` section (tower, adapter, DeepSpeed, steps).
+            evaluate: The ``evaluate`` section (eval sets, primary metric, quality gate).
+            register: The ``register`` section (promotion margin, gate requirement).
+            image: Image of CPU tasks (default: this source tree's ``-cpu`` tag).
+            gpu_image: Image of tasks and TrainJob nodes with accelerators (``-cu128`` tag).
+        """
+        sections = {"common": common, "prepare_data": prepare_data, "caption_contrastive": caption_contrastive,
+                    "embed_captions": embed_captions, "train_vision": train_vision, "evaluate": evaluate,
+                    "register": register}
+        images = {"cpu": image, "gpu": gpu_image}
+        data = _stage(profile, "prepare_data", sections, images).outputs["data"]
+        encoder = _stage(profile, "caption_contrastive", sections, images, data=data).outputs["caption_encoder"]
+        embeddings = _stage(profile, "embed_captions", sections, images, data=data,
+                            caption_encoder=encoder).outputs["embeddings"]
+        model = _stage(profile, "train_vision", sections, images, data=data,
+                       embeddings=embeddings).outputs["vision_model"]
+        report = _stage(profile, "evaluate", sections, images, data=data, embeddings=embeddings,
+                        vision_model=model).outputs["report"]
+        _stage(profile, "register", sections, images, vision_model=model, caption_encoder=encoder, report=report)
+
+    return llm2clip_pipeline
+
+
+llm2clip_pipeline = build_pipeline()
+"""The pipeline with the default (CPU) cluster profile."""
+
+SECTIONS = ("common", "prepare_data", "caption_contrastive", "embed_captions", "train_vision", "evaluate",
+            "register")
+"""The pipeline parameters that are params.yaml sections (the others are the images)."""
+
+
+def pipeline_arguments(params: Params, images: dict[str, str] | None = None) -> dict[str, Any]:
+    """The pipeline's arguments: one plain JSON-able dict per section, plus image overrides.
 
     Args:
-        common: The ``common`` params section (seed, MLflow experiment, caption fields).
-        prepare_data: The ``prepare_data`` params section (sources, validation, sharding).
-        caption_contrastive: The ``caption_contrastive`` section (base LLM, LoRA, steps).
-        embed_captions: The ``embed_captions`` section (dtype, token budget, workers).
-        train_vision: The ``train_vision`` section (tower, adapter, DeepSpeed, steps).
-        evaluate: The ``evaluate`` section (eval sets, primary metric, quality gate).
-        register: The ``register`` section (promotion margin, gate requirement).
-    """
-    data = _stage("prepare_data", common, prepare_data).outputs["data"]
-    encoder = _stage("caption_contrastive", common, caption_contrastive, data=data).outputs["caption_encoder"]
-    embeddings = _stage("embed_captions", common, embed_captions, data=data,
-                        caption_encoder=encoder).outputs["embeddings"]
-    model = _stage("train_vision", common, train_vision, data=data, embeddings=embeddings).outputs["vision_model"]
-    report = _stage("evaluate", common, evaluate, data=data, embeddings=embeddings,
-                    vision_model=model).outputs["report"]
-    _stage("register", common, register, vision_model=model, caption_encoder=encoder, report=report)
-
-
-def pipeline_arguments(params: Params) -> dict[str, dict[str, Any]]:
-    """The pipeline's arguments: one plain JSON-able dict per section it takes.
+        params: Validated params.
+        images: Optional ``{"image": tag, "gpu_image": tag}``; absent keys keep the defaults.
 
     Raises:
         RuntimeError: The pipeline takes a section that ``Params`` does not have.
     """
     sections = params.to_dict()
-    declared = list(llm2clip_pipeline.component_spec.inputs or {})
-    missing = sorted(set(declared) - set(sections))
+    missing = sorted(set(SECTIONS) - set(sections))
     if missing:
         raise RuntimeError(f"the pipeline takes params sections that Params lacks: {missing}")
-    return {name: _without_nulls(sections[name]) for name in declared}
+    arguments: dict[str, Any] = {name: _without_nulls(sections[name]) for name in SECTIONS}
+    unknown = sorted(set(images or {}) - {"image", "gpu_image"})
+    if unknown:
+        raise RuntimeError(f"unknown image parameters {unknown}: image, gpu_image")
+    return arguments | {k: v for k, v in (images or {}).items() if v}
 
 
 def _without_nulls(value: Any) -> Any:

@@ -6,14 +6,23 @@
 Tasks run as subprocesses of the current interpreter (``SubprocessRunner(use_venv=False)``):
 the components install nothing (``install_kfp_package=False``, no ``packages_to_install``), so
 the venv is used as it is. Outputs land in ``<pipeline-root>/llm2clip-<timestamp>/<task>/<output>``.
+
+The run id reaches every task the way it does on a cluster, as ``$LLM2CLIP_PIPELINE_RUN_ID``
+(there from the pod's ``pipeline/runid`` label; here ``local-<time>-<random>``), not as a task
+parameter, so it never enters a cache key. Cluster profiles (pods, GPUs, secrets) do not apply
+under ``kfp.local``.
 """
 
 import argparse
 import logging
+import os
+import secrets
 import sys
+import time
 import warnings
 from pathlib import Path
 
+from llm2clip.cluster.task import PIPELINE_RUN_ENV
 from llm2clip.config import ConfigError, Params, load_params
 from llm2clip.stages import STAGES
 from pipelines.llm2clip_pipeline import PIPELINE_NAME, llm2clip_pipeline, pipeline_arguments
@@ -21,7 +30,12 @@ from pipelines.llm2clip_pipeline import PIPELINE_NAME, llm2clip_pipeline, pipeli
 log = logging.getLogger("pipelines.local")
 
 
-def run_local(params: Params, pipeline_root: str | Path = "local_outputs") -> Path:
+def local_run_id() -> str:
+    """A run id for one kfp.local run: ``local-<UTC time>-<6 hex>``."""
+    return f"local-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def run_local(params: Params, pipeline_root: str | Path = "local_outputs", run_id: str | None = None) -> Path:
     """Run the pipeline with ``params`` under ``kfp.local``; returns this run's output folder.
 
     Raises:
@@ -36,7 +50,15 @@ def run_local(params: Params, pipeline_root: str | Path = "local_outputs") -> Pa
     with warnings.catch_warnings():
         # kfp.local guesses from the image *name* whether it holds Python; ours does.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
-        llm2clip_pipeline(**pipeline_arguments(params))
+        previous = os.environ.get(PIPELINE_RUN_ENV)
+        os.environ[PIPELINE_RUN_ENV] = run_id or local_run_id()  # the task subprocesses inherit it
+        try:
+            llm2clip_pipeline(**pipeline_arguments(params))
+        finally:
+            if previous is None:
+                os.environ.pop(PIPELINE_RUN_ENV, None)
+            else:
+                os.environ[PIPELINE_RUN_ENV] = previous
     (run_dir,) = set(root.glob(f"{PIPELINE_NAME}-*")) - before
     return run_dir
 

@@ -11,30 +11,30 @@ def caption_contrastive(
     config: dict,
     data: dsl.Input[dsl.Dataset],
     caption_encoder: dsl.Output[dsl.Model],
-    pipeline_run_id: str = "",
+    num_nodes: int = 1,
+    trainjob_image: str = "",
 ):
     """Tune a decoder LLM into a caption encoder (bidirectional, mean pooling, LoRA, SimCSE).
 
-    Runs ``llm2clip.stages.caption_contrastive.run``, the same function as ``dvc repro caption_contrastive``.
+    Runs ``llm2clip.stages.caption_contrastive.run``, the same function as ``dvc repro caption_contrastive``:
+    in this pod, or on every rank of a Kubeflow Trainer TrainJob.
 
     Args:
         common: The ``common`` params section (seed, MLflow experiment and tracking, S3
             endpoint, caption field names), validated like params.yaml; unknown keys fail.
         config: The ``caption_contrastive`` params section (base model, LoRA, optimiser, steps,
-            ``nproc_per_node``: >1 starts torchrun workers).
+            ``nproc_per_node``: processes per node, each node's torchrun workers).
         data: prepare_data output: the captions of its train split are the training pairs,
             its val split the held-out CRA set.
-        pipeline_run_id: Id of the pipeline run, recorded as an MLflow lineage tag; the
-            pipeline passes the KFP run id.
+        num_nodes: Nodes of the TrainJob, from the stage's cluster profile; a parameter so that
+            it is part of the cache key (it sets the world size, so the global batch).
+        trainjob_image: Image of the TrainJob's nodes; empty runs the stage in this task's pod.
 
     Returns:
         caption_encoder: The merged model (``save_pretrained``) with its tokenizer, the encoder settings
             (pooling, attention, prompt, max length), CRA before/after and ``manifest.json``.
     """
-    from llm2clip.stages import run_stage
+    from llm2clip.cluster.task import run_task
 
-    paths = {
-        "data": data.path,
-        "caption_encoder": caption_encoder.path,
-    }
-    run_stage("caption_contrastive", common, config, paths, pipeline_run_id)
+    run_task("caption_contrastive", common, config, inputs={"data": data},
+             outputs={"caption_encoder": caption_encoder}, num_nodes=num_nodes, trainjob_image=trainjob_image)

@@ -12,7 +12,6 @@ def embed_captions(
     data: dsl.Input[dsl.Dataset],
     caption_encoder: dsl.Input[dsl.Model],
     embeddings: dsl.Output[dsl.Dataset],
-    pipeline_run_id: str = "",
 ):
     """Embed every caption once with the frozen caption encoder into key-aligned sidecars.
 
@@ -24,18 +23,12 @@ def embed_captions(
         config: The ``embed_captions`` params section (dtype, normalisation, token budget, workers).
         data: prepare_data output (image shards with named captions).
         caption_encoder: caption_contrastive output (the frozen tuned LLM and its settings).
-        pipeline_run_id: Id of the pipeline run, recorded as an MLflow lineage tag; the
-            pipeline passes the KFP run id.
 
     Returns:
         embeddings: ``X_text_embeddings.tar`` per image shard ``X.tar`` (same keys, same order),
             zero-shot prompt embeddings, and ``manifest.json`` with dim, dtype and the encoder fingerprint.
     """
-    from llm2clip.stages import run_stage
+    from llm2clip.cluster.task import run_task
 
-    paths = {
-        "data": data.path,
-        "caption_encoder": caption_encoder.path,
-        "embeddings": embeddings.path,
-    }
-    run_stage("embed_captions", common, config, paths, pipeline_run_id)
+    run_task("embed_captions", common, config, inputs={"data": data, "caption_encoder": caption_encoder},
+             outputs={"embeddings": embeddings})

@@ -13,7 +13,9 @@ def evaluate(
     embeddings: dsl.Input[dsl.Dataset],
     vision_model: dsl.Input[dsl.Model],
     report: dsl.Output[dsl.Artifact],
-    pipeline_run_id: str = "",
+    metrics: dsl.Output[dsl.Metrics],
+    report_html: dsl.Output[dsl.HTML],
+    report_markdown: dsl.Output[dsl.Markdown],
 ):
     """Retrieval and zero-shot metrics, comparison with the champion, and the quality gate.
 
@@ -26,19 +28,17 @@ def evaluate(
         data: prepare_data output (the eval images and captions).
         embeddings: embed_captions output (eval caption and class-prompt embeddings).
         vision_model: train_vision output (the model to evaluate).
-        pipeline_run_id: Id of the pipeline run, recorded as an MLflow lineage tag; the
-            pipeline passes the KFP run id.
 
     Returns:
         report: ``metrics.json``, recall@k plots, ``report.md``/``report.html`` and
             ``manifest.json`` with the primary metric and the gate decision.
+        metrics: Every scalar of ``metrics.json`` (what the KFP UI compares across runs).
+        report_html: The report with its recall plots, rendered in the KFP UI.
+        report_markdown: The report's tables as Markdown, rendered in the KFP UI.
     """
-    from llm2clip.stages import run_stage
+    from llm2clip.cluster.task import publish_report, run_task
 
-    paths = {
-        "data": data.path,
-        "embeddings": embeddings.path,
-        "vision_model": vision_model.path,
-        "report": report.path,
-    }
-    run_stage("evaluate", common, config, paths, pipeline_run_id)
+    run_task("evaluate", common, config,
+             inputs={"data": data, "embeddings": embeddings, "vision_model": vision_model},
+             outputs={"report": report})
+    publish_report(report, common, metrics=metrics, html=report_html, markdown=report_markdown)

@@ -10,7 +10,6 @@ def prepare_data(
     common: dict,
     config: dict,
     data: dsl.Output[dsl.Dataset],
-    pipeline_run_id: str = "",
 ):
     """Validate image-caption sources and write split webdataset shards.
 
@@ -21,17 +20,13 @@ def prepare_data(
             endpoint, caption field names), validated like params.yaml; unknown keys fail.
         config: The ``prepare_data`` params section (sources, split fraction, shard size,
             image size, validation thresholds).
-        pipeline_run_id: Id of the pipeline run, recorded as an MLflow lineage tag; the
-            pipeline passes the KFP run id.
 
     Returns:
         data: Directory of ``{split}-NNNNNN.tar`` webdataset shards (``jpg`` + ``json`` with
             named captions), ``quarantine.jsonl`` with every rejected row and its reason, the
             validation report, and ``manifest.json`` (counts, shard checksums, config hash).
     """
-    from llm2clip.stages import run_stage
+    from llm2clip.cluster.task import run_task
 
-    paths = {
-        "data": data.path,
-    }
-    run_stage("prepare_data", common, config, paths, pipeline_run_id)
+    run_task("prepare_data", common, config, inputs={},
+             outputs={"data": data})

@@ -13,7 +13,6 @@ def register(
     caption_encoder: dsl.Input[dsl.Model],
     report: dsl.Input[dsl.Artifact],
     registration: dsl.Output[dsl.Artifact],
-    pipeline_run_id: str = "",
 ):
     """Register the evaluated model in the MLflow registry and move the aliases.
 
@@ -26,18 +25,12 @@ def register(
         vision_model: train_vision output (what is registered).
         caption_encoder: caption_contrastive output (registered once as its own model, linked by tags).
         report: evaluate output (metrics and gate decision; registration refuses without them).
-        pipeline_run_id: Id of the pipeline run, recorded as an MLflow lineage tag; the
-            pipeline passes the KFP run id.
 
     Returns:
         registration: ``registration.json`` (model URI, version, aliases, decision) and ``manifest.json``.
     """
-    from llm2clip.stages import run_stage
+    from llm2clip.cluster.task import run_task
 
-    paths = {
-        "vision_model": vision_model.path,
-        "caption_encoder": caption_encoder.path,
-        "report": report.path,
-        "registration": registration.path,
-    }
-    run_stage("register", common, config, paths, pipeline_run_id)
+    run_task("register", common, config,
+             inputs={"vision_model": vision_model, "caption_encoder": caption_encoder, "report": report},
+             outputs={"registration": registration})

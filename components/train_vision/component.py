@@ -12,31 +12,30 @@ def train_vision(
     data: dsl.Input[dsl.Dataset],
     embeddings: dsl.Input[dsl.Dataset],
     vision_model: dsl.Output[dsl.Model],
-    pipeline_run_id: str = "",
+    num_nodes: int = 1,
+    trainjob_image: str = "",
 ):
     """Train the CLIP vision tower and the LLM adapter on the offline caption embeddings (DeepSpeed).
 
-    Runs ``llm2clip.stages.train_vision.run``, the same function as ``dvc repro train_vision``.
+    Runs ``llm2clip.stages.train_vision.run``, the same function as ``dvc repro train_vision``:
+    in this pod, or on every rank of a Kubeflow Trainer TrainJob.
 
     Args:
         common: The ``common`` params section (seed, MLflow experiment and tracking, S3
             endpoint, caption field names), validated like params.yaml; unknown keys fail.
         config: The ``train_vision`` params section (tower, adapter, optimiser, DeepSpeed, steps,
-            ``nproc_per_node``: >1 starts torchrun workers).
+            ``nproc_per_node``: processes per node, each node's torchrun workers).
         data: prepare_data output (the images).
         embeddings: embed_captions output (key-aligned caption embeddings).
-        pipeline_run_id: Id of the pipeline run, recorded as an MLflow lineage tag; the
-            pipeline passes the KFP run id.
+        num_nodes: Nodes of the TrainJob, from the stage's cluster profile; a parameter so that
+            it is part of the cache key (it sets the world size, so the global batch).
+        trainjob_image: Image of the TrainJob's nodes; empty runs the stage in this task's pod.
 
     Returns:
         vision_model: The exported model (``model.safetensors`` + ``llm2clip_config.json``), the
             resumable DeepSpeed checkpoints, training curves and ``manifest.json``.
     """
-    from llm2clip.stages import run_stage
+    from llm2clip.cluster.task import run_task
 
-    paths = {
-        "data": data.path,
-        "embeddings": embeddings.path,
-        "vision_model": vision_model.path,
-    }
-    run_stage("train_vision", common, config, paths, pipeline_run_id)
+    run_task("train_vision", common, config, inputs={"data": data, "embeddings": embeddings},
+             outputs={"vision_model": vision_model}, num_nodes=num_nodes, trainjob_image=trainjob_image)

@@ -80,37 +80,84 @@ STAGES: dict[str, StageSpec] = {
 
 
 
-def launch(stage: str, cfg: Any, common: Any, paths: dict[str, str], pipeline_run_id: str = "") -> Any:
-    """Run ``stage`` with typed configs: in this process, or under torchrun when it asks for more.
+_OUTER_LAUNCHER_ENV = ("LOCAL_RANK", "PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR")
 
-    A stage whose config has ``nproc_per_node > 1`` is started under ``torchrun`` (unless this
-    process already is a torchrun worker) with the same sections passed as JSON; each worker then
-    calls the same ``run``. Returns ``run``'s result (None when torchrun ran it).
+
+def torchrun_command(stage: str, cfg: Any, common: Any, paths: dict[str, str], pipeline_run_id: str = "",
+                     environ: dict[str, str] | None = None) -> list[str] | None:
+    """The ``torchrun`` command that starts ``stage``'s workers, or None to run in this process.
+
+    None when the stage asks for one process, or when this process already is a worker
+    (``LOCAL_RANK``). Under a Kubeflow Trainer node (``PET_NNODES``/``PET_NODE_RANK``/
+    ``PET_MASTER_ADDR``: torchrun's own environment) the command has neither ``--standalone`` nor
+    ``--nproc-per-node``: torchrun takes the rendezvous and the process count from ``PET_*``, and
+    a ``--standalone`` there would make every node a world of its own (a multi-node job hangs).
     """
     import json
     import os
-    import subprocess
     import sys
 
     from llm2clip.config import to_dict
 
+    environ = os.environ if environ is None else environ
     nproc = getattr(cfg, "nproc_per_node", 1)
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "llm2clip", stage,
-               "--common-json", json.dumps(to_dict(common)), "--config-json", json.dumps(to_dict(cfg)),
-               "--pipeline-run-id", pipeline_run_id]
-        for name, path in paths.items():
-            cmd += [f"--{name.replace('_', '-')}", str(path)]
+    trainer_node = any(name in environ for name in _OUTER_LAUNCHER_ENV[1:])
+    if "LOCAL_RANK" in environ or (nproc <= 1 and not trainer_node):
+        return None
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if not trainer_node:
+        cmd += ["--standalone", f"--nproc-per-node={nproc}"]
+    elif "PET_NPROC_PER_NODE" not in environ:
+        cmd += [f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "llm2clip", stage, "--common-json", json.dumps(to_dict(common)),
+            "--config-json", json.dumps(to_dict(cfg)), "--pipeline-run-id", pipeline_run_id]
+    for name, path in paths.items():
+        cmd += [f"--{name.replace('_', '-')}", str(path)]
+    return cmd
+
+
+def launch(stage: str, cfg: Any, common: Any, paths: dict[str, str], pipeline_run_id: str = "") -> Any:
+    """Run ``stage`` with typed configs: in this process, or under torchrun when it asks for more.
+
+    See :func:`torchrun_command` for when workers are started. Returns ``run``'s result (None
+    when torchrun ran it).
+    """
+    import subprocess
+
+    cmd = torchrun_command(stage, cfg, common, paths, pipeline_run_id)
+    if cmd is not None:
         subprocess.run(cmd, check=True)
         return None
     return STAGES[stage].module().run(cfg, common, **paths, pipeline_run_id=pipeline_run_id)
 
 
+def output_metadata(directory: str, endpoint_url: str = "", result: Any = None) -> dict[str, Any]:
+    """Scalars that describe a finished output (for a KFP artifact's metadata).
+
+    The output's ``manifest.json`` flattened (``counts.train``, ``primary``, ``gate_passed``,
+    ...), numbers, booleans and short strings only, plus the stage result's summary when the
+    stage ran in this process.
+    """
+    from llm2clip.io import read_manifest
+    from llm2clip.tracking import flatten
+
+    values = flatten(read_manifest(directory, endpoint_url))
+    if result is not None:
+        values |= flatten(result.summary())
+    return {k: v for k, v in sorted(values.items())
+            if isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= 200)}
+
+
 def run_stage(stage: str, common: dict, config: dict, paths: dict[str, str],
-              pipeline_run_id: str = "") -> Any:
-    """Run one stage from plain dict sections: how every KFP component calls its stage."""
+              pipeline_run_id: str = "") -> dict[str, dict[str, Any]]:
+    """Run one stage from plain dict sections: how a KFP task runs its stage in its own pod.
+
+    Returns:
+        ``{output name: metadata}`` (:func:`output_metadata` of each output).
+    """
     from llm2clip.config import load_sections
 
     cfg, common_cfg = load_sections(stage, common, config)
-    return launch(stage, cfg, common_cfg, paths, pipeline_run_id)
+    result = launch(stage, cfg, common_cfg, paths, pipeline_run_id)
+    return {name: output_metadata(paths[name], common_cfg.s3_endpoint_url, result)
+            for name in STAGES[stage].outputs}

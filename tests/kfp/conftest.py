@@ -6,12 +6,23 @@ from kfp_helpers import load_dvc_stages
 
 
 @pytest.fixture(scope="session")
-def compiled_ir(tmp_path_factory) -> dict:
-    """The pipeline compiled by ``pipelines.compile`` and read back as YAML."""
+def compiled(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """``{profile: (pipeline spec, platform spec)}``: the pipeline compiled by ``pipelines.compile``
+    with each shipped cluster profile, read back from its two YAML documents."""
     from pipelines.compile import compile_pipeline
 
-    path = compile_pipeline(tmp_path_factory.mktemp("ir") / "llm2clip_pipeline.yaml")
-    return yaml.safe_load(path.read_text())
+    out = {}
+    for profile in ("cpu", "gpu"):
+        path = compile_pipeline(tmp_path_factory.mktemp("ir") / f"{profile}.yaml", profile)
+        spec, platform = yaml.safe_load_all(path.read_text())
+        out[profile] = (spec, platform)
+    return out
+
+
+@pytest.fixture(scope="session")
+def compiled_ir(compiled) -> dict:
+    """The pipeline spec compiled with the default (cpu) cluster profile."""
+    return compiled["cpu"][0]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ Edges are ``(producer, consumer, artifact name)`` triples, derived independently
 from pathlib import Path
 
 import pytest
-from kfp import dsl
 from kfp_helpers import (
     REPO,
     dvc_edges,
@@ -21,7 +20,8 @@ from kfp_helpers import (
     registry_edges,
 )
 
-from components import IMAGE, component
+from components import component
+from llm2clip.cluster.profile import TRAINING_STAGES
 from llm2clip.stages import STAGES
 
 STAGE_NAMES = list(STAGES)
@@ -66,10 +66,13 @@ def test_component_interface_matches_registry(stage):
     comp = component(stage)
     spec = STAGES[stage]
     inputs, outputs = comp.component_spec.inputs or {}, comp.component_spec.outputs or {}
-    assert set(inputs) == {"common", "config", "pipeline_run_id", *spec.inputs}
-    assert set(outputs) == set(spec.outputs)
+    launcher = {"num_nodes", "trainjob_image"} if stage in TRAINING_STAGES else set()
+    assert set(inputs) == {"common", "config", *launcher, *spec.inputs}
+    extra = {"metrics", "report_html", "report_markdown"} if stage == "evaluate" else set()
+    assert set(outputs) == set(spec.outputs) | extra
     assert inputs["common"].type == inputs["config"].type == "Dict"
-    assert inputs["pipeline_run_id"].type == "String" and inputs["pipeline_run_id"].default == ""
+    if launcher:  # defaults run the stage in the task's own pod
+        assert inputs["num_nodes"].default == 1 and inputs["trainjob_image"].default == ""
     for name in spec.inputs:
         assert inputs[name].type.startswith("system."), f"{name} must be an Input artifact"
     for name in spec.outputs:
@@ -86,10 +89,10 @@ def test_pipeline_task_wiring(compiled_ir, stage):
     params = task["inputs"]["parameters"]
     assert params["common"] == {"componentInputParameter": "common"}
     assert params["config"] == {"componentInputParameter": stage}
-    assert params["pipeline_run_id"] == {"runtimeValue": {"constant": dsl.PIPELINE_JOB_ID_PLACEHOLDER}}
+    assert "pipeline_run_id" not in params, "a run id parameter would defeat the cache"
     executor = compiled_ir["components"][task["componentRef"]["name"]]["executorLabel"]
     container = compiled_ir["deploymentSpec"]["executors"][executor]["container"]
-    assert container["image"] == IMAGE
+    assert container["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}"
     # Nothing is pip-installed at task start (kfp.local would install it into this venv).
     assert "pip install" not in " ".join(container["command"] + container.get("args", []))
 
@@ -97,8 +100,8 @@ def test_pipeline_task_wiring(compiled_ir, stage):
 def test_component_bodies_call_their_stage():
     for stage in STAGE_NAMES:
         source = Path(component(stage).python_func.__code__.co_filename).read_text()
-        assert "from llm2clip.stages import run_stage" in source
-        assert f'run_stage("{stage}", common, config, paths, pipeline_run_id)' in source
+        assert "from llm2clip.cluster.task import" in source
+        assert f'run_task("{stage}", common, config,' in source
         for name in STAGES[stage].inputs + STAGES[stage].outputs:
-            assert f'"{name}": {name}.path' in source
+            assert f'"{name}": {name}' in source
         assert len(source.splitlines()) <= 60, f"components/{stage}/component.py: interface only"

@@ -1,0 +1,133 @@
+"""What every KFP component's body calls: run one stage for a pipeline task, describe its outputs.
+
+A component only declares its interface. :func:`run_task` decides *where* the stage runs (in
+the task's pod, or as a Kubeflow Trainer TrainJob when the compile-time cluster profile asks for
+one) and *which locations* it reads and writes: an artifact whose URI is on S3 (``s3://``, or
+KFP's default ``minio://`` mapped to ``s3://`` + ``$AWS_ENDPOINT_URL``) is used by URI, so
+outputs and checkpoints land on the object store while the stage runs and survive a lost pod;
+otherwise (``kfp.local``) the artifact's local path is used. Then every output artifact gets its
+manifest's scalars as metadata (what the KFP UI shows).
+
+Artifacts are duck-typed (``.path``, ``.uri``, ``.metadata``, ``Metrics.log_metric``): the
+library never imports kfp.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PIPELINE_RUN_ENV = "LLM2CLIP_PIPELINE_RUN_ID"
+"""The KFP run id; on a cluster the pod's ``pipeline/runid`` label (downward API) sets it."""
+PROFILE_ENV = "LLM2CLIP_CLUSTER_PROFILE"
+"""JSON of the cluster profile, set at compile time on tasks that launch a TrainJob."""
+
+
+def location(artifact: Any) -> str:
+    """Where a stage reads/writes ``artifact``: its S3 URI when it has one, else its local path."""
+    uri = str(getattr(artifact, "uri", "") or "")
+    if uri.startswith("minio://"):
+        return "s3://" + uri.removeprefix("minio://")
+    return uri if uri.startswith("s3://") else artifact.path
+
+
+def _profile_from_env(stage: str, num_nodes: int):
+    from llm2clip.cluster.profile import ClusterProfile
+    from llm2clip.config import ConfigError, from_dict
+    from llm2clip.io import StageError
+
+    text = os.environ.get(PROFILE_ENV)
+    if not text:
+        raise StageError(f"{stage}: a TrainJob task needs ${PROFILE_ENV} (set by pipelines.compile); recompile")
+    try:
+        profile = from_dict(ClusterProfile, json.loads(text))
+    except (ConfigError, json.JSONDecodeError) as err:
+        raise StageError(f"{stage}: ${PROFILE_ENV} is not a cluster profile: {err}") from err
+    if profile.task(stage).num_nodes != num_nodes:
+        raise StageError(f"{stage}: num_nodes {num_nodes} != the profile's {profile.task(stage).num_nodes}; "
+                         "recompile the pipeline")
+    return profile
+
+
+def run_task(stage: str, common: dict, config: dict, *, inputs: dict[str, Any], outputs: dict[str, Any],
+             num_nodes: int = 1, trainjob_image: str = "") -> dict[str, dict[str, Any]]:
+    """Run ``stage`` for one KFP task and put each output's summary into its artifact's metadata.
+
+    Args:
+        stage: Stage name.
+        common, config: The ``common`` and stage sections as plain dicts (validated by the stage).
+        inputs, outputs: ``{name: KFP artifact}`` as the stage table names them.
+        num_nodes: TrainJob nodes (training stages; must equal the cluster profile's).
+        trainjob_image: Non-empty: run as a Kubeflow Trainer TrainJob of this image.
+
+    Returns:
+        ``{output name: metadata}``.
+    """
+    run_id = os.environ.get(PIPELINE_RUN_ENV, "")
+    where = {name: location(a) for name, a in {**inputs, **outputs}.items()}
+    if trainjob_image:
+        from llm2clip.cluster.trainjob import run_trainjob
+
+        profile = _profile_from_env(stage, num_nodes)
+        summary = run_trainjob(stage, common, config, where, image=trainjob_image, profile=profile,
+                               pipeline_run_id=run_id)
+        metadata = {name: dict(summary) for name in outputs}
+    else:
+        from llm2clip.stages import run_stage
+
+        metadata = run_stage(stage, common, config, where, run_id)
+    for name, artifact in outputs.items():
+        if where[name] != artifact.path:  # written to S3 directly: KFP uploads .path afterwards
+            _mirror_manifest(where[name], Path(artifact.path), common.get("s3_endpoint_url", ""))
+        artifact.metadata.update(metadata[name])
+    log.info("%s: outputs %s", stage, ", ".join(f"{n} -> {where[n]}" for n in outputs))
+    return metadata
+
+
+def _mirror_manifest(uri: str, local: Path, endpoint_url: str) -> None:
+    """Copy the output's manifest into the task's local output folder (the same bytes KFP then
+    uploads to the same key), so KFP's own upload of ``.path`` finds a folder and changes nothing."""
+    from llm2clip.io import read_manifest
+
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "manifest.json").write_text(json.dumps(read_manifest(uri, endpoint_url), indent=2, sort_keys=True))
+
+
+def publish_report(report: Any, common: dict, *, metrics: Any, html: Any, markdown: Any) -> None:
+    """evaluate's KFP-native outputs: every scalar of ``metrics.json`` as ``Metrics`` (compared across
+    runs in the KFP UI), ``report.html`` as ``HTML`` and ``report.md`` as ``Markdown``.
+
+    Args:
+        report: The evaluate task's ``report`` artifact (already written).
+        common: The ``common`` section (S3 endpoint).
+        metrics, html, markdown: The task's ``Output[Metrics]``/``Output[HTML]``/``Output[Markdown]``.
+    """
+    folder = location(report)
+    endpoint = common.get("s3_endpoint_url", "")
+    values = json.loads(_read_text(folder, "metrics.json", endpoint))
+    for name, value in sorted(values.items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(name, float(value))
+    for artifact, name in ((html, "report.html"), (markdown, "report.md")):
+        Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(artifact.path).write_text(_read_text(folder, name, endpoint))
+    summary = {k: v for k, v in report.metadata.items() if k in ("primary", "primary_metric", "gate_passed")}
+    for artifact in (metrics, html, markdown):
+        artifact.metadata.update(summary)
+
+
+def _read_text(folder: str, name: str, endpoint_url: str) -> str:
+    from llm2clip.io import is_remote, s3_filesystem
+
+    if is_remote(folder):
+        return s3_filesystem(endpoint_url).cat(f"{folder.rstrip('/')}/{name}").decode("utf-8")
+    path = Path(folder) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: evaluate wrote no {name}")
+    return path.read_text()
+
