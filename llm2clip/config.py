@@ -251,7 +251,8 @@ class CaptionContrastiveConfig:
         mntp_batch_size: Captions per rank and MNTP step.
         mntp_lr: MNTP learning rate.
         checkpoint_every: Save a resumable DeepSpeed checkpoint every N steps (0 = never).
-        checkpoint_dir: Where checkpoints go; empty: ``<output>.ckpt`` next to the output.
+        checkpoint_dir: Where checkpoints go (a directory or an ``s3://`` prefix); empty:
+            ``<output>.ckpt`` next to the output (a sibling prefix for an ``s3://`` output).
         keep_checkpoints: Keep the checkpoint dir after a successful run.
         log_every: Log the loss to MLflow every N steps.
         cra_max_images: Cap on val images used for CRA (0 = all).

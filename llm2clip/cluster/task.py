@@ -2,11 +2,13 @@
 
 A component only declares its interface. :func:`run_task` decides *where* the stage runs (in
 the task's pod, or as a Kubeflow Trainer TrainJob when the compile-time cluster profile asks for
-one) and *which locations* it reads and writes: an artifact whose URI is on S3 (``s3://``, or
-KFP's default ``minio://`` mapped to ``s3://`` + ``$AWS_ENDPOINT_URL``) is used by URI, so
+one) and *which locations* it reads and writes. An output whose URI is on S3 (``s3://``, or
+KFP's default ``minio://`` mapped to ``s3://`` + ``$AWS_ENDPOINT_URL``) is written by URI, so
 outputs and checkpoints land on the object store while the stage runs and survive a lost pod;
-otherwise (``kfp.local``) the artifact's local path is used. Then every output artifact gets its
-manifest's scalars as metadata (what the KFP UI shows).
+inputs are read from the local copies KFP's launcher has already made in the pod. A TrainJob's
+nodes share no disk with the pod, so they get every input and output by URI. Without S3
+(``kfp.local``) local paths are used throughout. Then every output artifact gets its manifest's
+scalars as metadata (what the KFP UI shows).
 
 Artifacts are duck-typed (``.path``, ``.uri``, ``.metadata``, ``Metrics.log_metric``): the
 library never imports kfp.
@@ -69,10 +71,10 @@ def run_task(stage: str, common: dict, config: dict, *, inputs: dict[str, Any], 
         ``{output name: metadata}``.
     """
     run_id = os.environ.get(PIPELINE_RUN_ENV, "")
-    where = {name: location(a) for name, a in {**inputs, **outputs}.items()}
     if trainjob_image:
         from llm2clip.cluster.trainjob import run_trainjob
 
+        where = {name: location(a) for name, a in {**inputs, **outputs}.items()}
         profile = _profile_from_env(stage, num_nodes)
         summary = run_trainjob(stage, common, config, where, image=trainjob_image, profile=profile,
                                pipeline_run_id=run_id)
@@ -80,6 +82,7 @@ def run_task(stage: str, common: dict, config: dict, *, inputs: dict[str, Any], 
     else:
         from llm2clip.stages import run_stage
 
+        where = {name: a.path for name, a in inputs.items()} | {name: location(a) for name, a in outputs.items()}
         metadata = run_stage(stage, common, config, where, run_id)
     for name, artifact in outputs.items():
         if where[name] != artifact.path:  # written to S3 directly: KFP uploads .path afterwards

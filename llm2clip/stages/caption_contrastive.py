@@ -12,12 +12,11 @@ import dataclasses
 import json
 import shutil
 import time
-from pathlib import Path
 
 import torch
 
 from llm2clip.config import CaptionContrastiveConfig, CommonConfig, config_hash
-from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, is_remote, output_dir
+from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, output_dir
 from llm2clip.text import contrastive
 from llm2clip.text.artifacts import probe_embeddings, write_encoder_dir
 from llm2clip.text.cra import caption_retrieval_accuracy
@@ -29,6 +28,7 @@ from llm2clip.train import checkpoint
 from llm2clip.train.distributed import DistContext, init_distributed
 
 STAGE = "caption_contrastive"
+CRA_BEFORE = "cra_before.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +65,9 @@ def run(cfg: CaptionContrastiveConfig, common: CommonConfig, *, data: str, capti
         ctx.shutdown()
 
 
-def _backbone(cfg, source: str, ckpt_dir: Path, texts: list[str], seed: int, ctx: DistContext):
+def _backbone(cfg, source: str, store: checkpoint.CheckpointStore, texts: list[str], seed: int, ctx: DistContext):
     """The model to tune: the base model, or (mntp_steps > 0) the base model after MNTP."""
+    ckpt_dir = store.local
     mntp_dir = ckpt_dir / "mntp"
     if cfg.mntp_steps and not (mntp_dir / "config.json").is_file():
         from llm2clip.text.mntp import train_mntp
@@ -76,19 +77,22 @@ def _backbone(cfg, source: str, ckpt_dir: Path, texts: list[str], seed: int, ctx
         if ctx.is_main:  # kept, so a resumed run does not redo MNTP
             backbone.save_pretrained(ckpt_dir / "tmp-mntp")
             (ckpt_dir / "tmp-mntp").rename(mntp_dir)
+            store.push("mntp")
         ctx.barrier()
         return backbone
     path = str(mntp_dir) if cfg.mntp_steps else source
     return load_model(path, attn_implementation=cfg.attn_implementation)
 
 
-def _cra(encoder, images, common, cfg, cache: Path | None = None) -> dict[str, float]:
+def _cra(encoder, images, common, cfg, store: checkpoint.CheckpointStore | None = None) -> dict[str, float]:
+    cache = store.local / CRA_BEFORE if store is not None else None
     if cache is not None and cache.is_file():  # a resumed run measured "before" already
         return json.loads(cache.read_text())
     result = caption_retrieval_accuracy(encoder, images, common.caption_fields, progress=True,
                                         batch_size=cfg.encode_batch_size, max_images=cfg.cra_max_images)
-    if cache is not None:
+    if store is not None:
         atomic_write_json(cache, result)
+        store.push(CRA_BEFORE)
     return result
 
 
@@ -107,9 +111,9 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str
     data_sha = dir_fingerprint(data, common.s3_endpoint_url)
     identity = {"config": config_hash(cfg), "seed": seed, "caption_fields": list(common.caption_fields),
                 "world_size": ctx.world_size, "data": data_sha}
-    ckpt_dir = Path(cfg.checkpoint_dir or (f".cache/checkpoints/{STAGE}-{config_hash(identity)}"
-                                           if is_remote(output) else f"{output.rstrip('/')}.ckpt"))
-    checkpoint.prepare_dir(ckpt_dir, identity, ctx)
+    # next to the output (a sibling S3 prefix for an s3:// output), so a lost pod or node resumes
+    store = checkpoint.CheckpointStore.at(cfg.checkpoint_dir or f"{output.rstrip('/')}.ckpt", common.s3_endpoint_url)
+    checkpoint.prepare_dir(store, identity, ctx)
 
     settings = EncoderSettings(
         pooling=cfg.pooling, bidirectional=cfg.bidirectional, prompt_template=cfg.prompt_template,
@@ -118,16 +122,16 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str
     )
     torch.manual_seed(seed)
     texts = [c for image in train_images for _, c in image.flat(common.caption_fields)]
-    backbone = _backbone(cfg, source, ckpt_dir, texts, seed, ctx).to(ctx.device)
+    backbone = _backbone(cfg, source, store, texts, seed, ctx).to(ctx.device)
     encoder = CaptionEncoder(backbone, load_tokenizer(source), settings)
-    before = _cra(encoder, val_images, common, cfg, ckpt_dir / "cra_before.json") if ctx.is_main else {}
+    before = _cra(encoder, val_images, common, cfg, store) if ctx.is_main else {}
     ctx.barrier()
     tracker.log_metrics({"cra_before": before.get("cra", 0.0)})
 
     encoder.model = contrastive.add_lora(encoder.model, cfg, cfg.gradient_checkpointing)
     try:
         outcome = contrastive.train(encoder, train_images, cfg, caption_fields=common.caption_fields,
-                                    seed=seed, ckpt_dir=ckpt_dir, ctx=ctx,
+                                    seed=seed, ckpt_dir=store, ctx=ctx,
                                     on_log=lambda step, metrics: tracker.log_metrics(metrics, step))
     except ValueError as err:
         raise StageError(str(err)) from err
@@ -158,6 +162,8 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str
             for name in ("training_curve.png", "metrics.json", SETTINGS_FILE, "manifest.json"):
                 tracker.log_artifact(out / name)
         if not cfg.keep_checkpoints:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            store.remove()
     ctx.barrier()
+    if store.remote and ctx.local_rank == 0:
+        shutil.rmtree(store.local, ignore_errors=True)  # the node's staging copy
     return result

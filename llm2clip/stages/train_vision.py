@@ -15,15 +15,14 @@ import dataclasses
 import logging
 import shutil
 import time
-from pathlib import Path
 
 import torch
 
 from llm2clip.config import CommonConfig, TrainVisionConfig
 from llm2clip.io import StageError, output_dir
 from llm2clip.tracking import Tracker, stage_run
+from llm2clip.train import checkpoint, vision_data, vision_trainer
 from llm2clip.train import vision_artifacts as artifacts
-from llm2clip.train import vision_data, vision_trainer
 from llm2clip.train.distributed import DistContext, init_distributed
 from llm2clip.train.engine import resolve_precision
 
@@ -115,11 +114,10 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, embeddings:
     if ctx.is_main:
         exported = vision_trainer.export_model(model, outcome.params)
         val = artifacts.validate(exported, inputs, cfg, endpoint)
-        with output_dir(out_url, endpoint) as out:
-            if ckpt_dir != out / "checkpoints":  # remote output: ship the newest checkpoint too
-                artifacts.copy_latest_checkpoint(ckpt_dir, out / "checkpoints")
+        with output_dir(out_url, endpoint) as out:  # checkpoints are in <out>/checkpoints already
             metrics = artifacts.write_outputs(out, exported, outcome, val, plan, inputs, cfg, common,
-                                              ctx.world_size, time.monotonic() - started)
+                                              ctx.world_size, time.monotonic() - started,
+                                              checkpoint.latest_tag(ckpt_dir.local))
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                 step=outcome.steps)
             for name in ("training_curve.png", "metrics.json", "llm2clip_config.json", "manifest.json"):
@@ -128,8 +126,8 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, embeddings:
             str(out_url), outcome.steps, outcome.resumed_from, outcome.samples_seen, ctx.world_size,
             metrics["final_loss"], metrics["final_logit_scale"], metrics["val_image_to_text_R_at_1"],
             metrics["val_text_to_image_R_at_1"], outcome.samples_per_second, time.monotonic() - started)
-        if ckpt_dir != Path(out_url) / "checkpoints":
-            shutil.rmtree(ckpt_dir, ignore_errors=True)  # local cache of a remote output
         artifacts.log_summary(metrics, str(out_url))
     ctx.barrier()
+    if ckpt_dir.remote and ctx.local_rank == 0:
+        shutil.rmtree(ckpt_dir.local, ignore_errors=True)  # the node's staging copy of S3 checkpoints
     return result

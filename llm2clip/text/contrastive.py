@@ -17,7 +17,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -175,7 +174,8 @@ def _embed_step(engine, encoder: CaptionEncoder, sampler: PairSampler, step: int
 
 
 def train(encoder: CaptionEncoder, images: list[ImageCaptions], cfg: CaptionContrastiveConfig, *,
-          caption_fields: tuple[str, ...], seed: int, ckpt_dir: Path | None, ctx: DistContext,
+          caption_fields: tuple[str, ...], seed: int, ckpt_dir: checkpoint.CheckpointStore | None,
+          ctx: DistContext,
           on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainOutcome:
     """Train ``encoder.model`` (a peft LoRA model) in place through DeepSpeed; every rank calls it.
 
@@ -185,7 +185,7 @@ def train(encoder: CaptionEncoder, images: list[ImageCaptions], cfg: CaptionCont
         cfg: Stage config (batch, lr, warmup, steps, scale, DeepSpeed, checkpoints).
         caption_fields: Caption order (``common.caption_fields``).
         seed: Base seed for data order and dropout.
-        ckpt_dir: Checkpoint dir (prepared with ``checkpoint.prepare_dir``), or None for none.
+        ckpt_dir: Checkpoint store (prepared with ``checkpoint.prepare_dir``), or None for none.
         ctx: The distributed context.
         on_log: Called on rank 0 every ``cfg.log_every`` steps with ``(step, metrics)``.
 
@@ -200,7 +200,7 @@ def train(encoder: CaptionEncoder, images: list[ImageCaptions], cfg: CaptionCont
         max_steps=cfg.max_steps, ds_config=cfg.deepspeed_config(bf16=use_bf16(cfg.precision, ctx.device)),
     )
     outcome = TrainOutcome()
-    if ckpt_dir is not None and (state := checkpoint.load_latest(engine, ckpt_dir)) is not None:
+    if ckpt_dir is not None and (state := checkpoint.load_latest(engine, ckpt_dir.local)) is not None:
         outcome.losses = list(state["losses"])
         outcome.resumed_from = outcome.steps = int(state["step"])
         log.info("resuming at step %d of %d", outcome.steps + 1, cfg.max_steps)

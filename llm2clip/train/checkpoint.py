@@ -10,19 +10,30 @@ A save goes to ``tmp-stepN`` first; only when every rank has written its files (
 barrier) does rank 0 rename it to ``stepN`` and then replace ``latest``. A kill at any moment
 leaves ``latest`` pointing at a complete checkpoint; leftover ``tmp-*`` dirs are removed on the
 next start. Frozen (non-LoRA) weights are not saved: they come from the base model again.
+
+Where checkpoints live is a :class:`CheckpointStore`: a directory every rank sees (one machine,
+or a ReadWriteMany volume), or an ``s3://`` prefix. On S3 no filesystem is shared, which is what
+a multi-node TrainJob on a preemptible cluster has: DeepSpeed writes into a node-local staging
+dir, the first process of each node uploads what its ranks wrote, and only then does rank 0 put
+``latest`` (one S3 PUT, the commit mark). A restarted job downloads the newest committed
+checkpoint into each node's staging dir before it resumes; steps newer than ``latest`` (a save
+that was cut off) are deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llm2clip.io import atomic_write_json, atomic_write_text
+from llm2clip.io import atomic_write_json, atomic_write_text, is_remote, s3_filesystem
 from llm2clip.train.distributed import DistContext
 
 log = logging.getLogger(__name__)
@@ -61,8 +72,102 @@ def build_engine(model: torch.nn.Module, *, lr: float, weight_decay: float, warm
     return engine
 
 
-def prepare_dir(ckpt_dir: Path, identity: dict[str, Any], ctx: DistContext) -> None:
-    """Make ``ckpt_dir`` usable: wipe it if it belongs to another run, drop half-written saves."""
+@dataclass(frozen=True)
+class CheckpointStore:
+    """Where one run's checkpoints live.
+
+    Attributes:
+        local: The directory DeepSpeed reads and writes (the store itself, or a node-local
+            staging copy of ``remote``).
+        remote: ``s3://`` prefix of the store; empty for a directory every rank sees.
+        endpoint_url: S3 endpoint (MinIO, moto); empty: the AWS default / ``$AWS_ENDPOINT_URL``.
+    """
+
+    local: Path
+    remote: str = ""
+    endpoint_url: str = ""
+
+    @classmethod
+    def at(cls, location: str | Path, endpoint_url: str = "") -> CheckpointStore:
+        """A store at a local directory or an ``s3://`` prefix (staged under ``$TMPDIR``)."""
+        if not is_remote(location):
+            return cls(Path(location))
+        remote = str(location).rstrip("/")
+        key = hashlib.sha256(remote.encode()).hexdigest()[:16]
+        return cls(Path(tempfile.gettempdir()) / "llm2clip-checkpoints" / key, remote, endpoint_url)
+
+    def _fs(self):
+        fs = s3_filesystem(self.endpoint_url)
+        fs.invalidate_cache()  # other nodes write here too: never trust a cached listing
+        return fs
+
+    def push(self, name: str) -> None:
+        """Upload ``local/name`` (a file or a folder) to ``remote/name``; nothing for a local store."""
+        if not self.remote:
+            return
+        source, fs = self.local / name, self._fs()
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for path in files:
+            fs.put_file(str(path), f"{self.remote}/{path.relative_to(self.local).as_posix()}")
+
+    def pull(self) -> None:
+        """Fill the staging dir with the remote's committed state: ``run.json``, ``latest``, the
+        checkpoint it names, and the other saved entries (not older or unfinished steps)."""
+        fs = self._fs()
+        self.local.mkdir(parents=True, exist_ok=True)
+        if not fs.exists(self.remote):
+            return
+        latest = fs.cat(f"{self.remote}/{LATEST}").decode().strip() if fs.exists(f"{self.remote}/{LATEST}") else ""
+        for entry in fs.ls(self.remote, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(("step", "tmp-")) and name != latest:
+                continue
+            target = self.local / name
+            if fs.isdir(entry):
+                fs.get(entry.rstrip("/") + "/", str(target) + "/", recursive=True)
+            else:
+                fs.get_file(entry, str(target))
+
+    def remove(self) -> None:
+        """Delete the whole store (the staging copy and the remote prefix)."""
+        shutil.rmtree(self.local, ignore_errors=True)
+        if self.remote:
+            fs = self._fs()
+            if fs.exists(self.remote):
+                fs.rm(self.remote, recursive=True)
+
+
+def _prepare_remote(store: CheckpointStore, identity: dict[str, Any]) -> None:
+    """Rank 0: wipe a remote store of another run, drop steps newer than ``latest``, write run.json."""
+    fs = store._fs()
+    run_file = f"{store.remote}/{RUN_FILE}"
+    if fs.exists(run_file) and json.loads(fs.cat(run_file)) != identity:
+        log.warning("%s holds checkpoints of a different run (config/world size); starting over", store.remote)
+        fs.rm(store.remote, recursive=True)
+    latest = fs.cat(f"{store.remote}/{LATEST}").decode().strip() if fs.exists(f"{store.remote}/{LATEST}") else ""
+    if fs.exists(store.remote):
+        for entry in fs.ls(store.remote, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("tmp-") or (name.startswith("step") and name > latest):
+                fs.rm(entry, recursive=True)  # a save that never reached its commit
+    fs.pipe(run_file, json.dumps(identity, indent=2, sort_keys=True).encode())
+
+
+def prepare_dir(store: CheckpointStore | Path, identity: dict[str, Any], ctx: DistContext) -> None:
+    """Make the store usable: wipe it if it belongs to another run, drop half-written saves; a
+    remote store is then copied (its committed part) into every node's staging dir."""
+    if isinstance(store, Path):
+        store = CheckpointStore(store)
+    if store.remote:
+        if ctx.is_main:
+            _prepare_remote(store, identity)
+        ctx.barrier()
+        if ctx.local_rank == 0:
+            shutil.rmtree(store.local, ignore_errors=True)
+            store.pull()
+        ctx.barrier()
+        return
+    ckpt_dir = store.local
     if ctx.is_main:
         run_file = ckpt_dir / RUN_FILE
         if run_file.is_file() and json.loads(run_file.read_text()) != identity:
@@ -85,9 +190,15 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (ckpt_dir / tag).is_dir() else None
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], ctx: DistContext,
+def save(engine, store: CheckpointStore | Path, step: int, client_state: dict[str, Any], ctx: DistContext,
          keep: int = 2) -> None:
     """Atomic checkpoint of ``engine`` at ``step`` (call on every rank)."""
+    if isinstance(store, Path):
+        store = CheckpointStore(store)
+    if store.remote:
+        _save_remote(engine, store, step, client_state, ctx, keep)
+        return
+    ckpt_dir = store.local
     tmp, final = f"tmp-step{step:08d}", f"step{step:08d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tmp, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)  # ends with a barrier: all shards written
@@ -98,6 +209,29 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], ctx: D
         for old in sorted(ckpt_dir.glob("step*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint %s saved", ckpt_dir / final)
+    ctx.barrier()
+
+
+def _save_remote(engine, store: CheckpointStore, step: int, client_state: dict[str, Any], ctx: DistContext,
+                 keep: int) -> None:
+    """Save into the node's staging dir, upload each node's files, then commit ``latest``."""
+    final = f"step{step:08d}"
+    engine.save_checkpoint(str(store.local), tag=final, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)  # ends with a barrier: all shards written
+    if ctx.local_rank == 0:
+        store.push(final)
+        for old in sorted(store.local.glob("step*"))[:-1]:
+            shutil.rmtree(old, ignore_errors=True)  # staging keeps the newest only
+        atomic_write_text(store.local / LATEST, final)
+    ctx.barrier()  # every node's files are on S3
+    if ctx.is_main:
+        fs = store._fs()
+        fs.pipe(f"{store.remote}/{LATEST}", final.encode())  # the commit: one PUT
+        steps = sorted(e for e in fs.ls(store.remote, detail=False) if e.rstrip("/").rsplit("/", 1)[-1] < final
+                       and e.rstrip("/").rsplit("/", 1)[-1].startswith("step"))
+        for old in steps[: max(0, len(steps) - (keep - 1))]:
+            fs.rm(old, recursive=True)
+        log.info("checkpoint %s/%s saved", store.remote, final)
     ctx.barrier()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from llm2clip.config import CommonConfig, TrainVisionConfig, config_hash
 from llm2clip.data import sidecars
 from llm2clip.data.shards import load_manifest
 from llm2clip.eval.retrieval import clip_metrics
-from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, is_remote, sha256_file
+from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, is_remote, s3_filesystem, sha256_file
 from llm2clip.train import checkpoint, vision_data
 from llm2clip.train.distributed import DistContext
 from llm2clip.train.engine import effective_zero_stage
@@ -93,35 +92,43 @@ def run_identity(cfg: TrainVisionConfig, common: CommonConfig, inputs: Inputs, w
 
 
 def checkpoint_dir(cfg: TrainVisionConfig, common: CommonConfig, inputs: Inputs, out_url: str,
-                   ctx: DistContext) -> tuple[Path, Path | None]:
-    """Prepare the checkpoint dir and say where to resume from.
+                   ctx: DistContext) -> tuple[checkpoint.CheckpointStore, Path | None]:
+    """Prepare the checkpoint store and say where to resume from.
 
-    Local outputs keep checkpoints in ``<vision_model>/checkpoints``; an ``s3://`` output trains
-    against a local cache dir and ships the newest checkpoint at the end. The output's old
-    ``manifest.json`` is removed first, so the dir reads unfinished until this run ends.
+    Checkpoints live in ``<vision_model>/checkpoints``, local or on S3 (then every node stages
+    them in ``$TMPDIR``, see :class:`~llm2clip.train.checkpoint.CheckpointStore`), so a lost pod
+    or node resumes from the last one. The output's old ``manifest.json`` is removed first, so
+    the output reads unfinished until this run ends.
 
     Returns:
-        ``(ckpt_dir, resume_from)``; ``resume_from`` is None for a fresh start.
+        ``(store, resume_from)``; ``resume_from`` is None for a fresh start.
     """
     identity = run_identity(cfg, common, inputs, ctx.world_size)
-    if is_remote(out_url):
-        ckpt_dir = Path(f".cache/checkpoints/{STAGE}-{config_hash(identity)}")
-    else:
-        ckpt_dir = Path(out_url) / "checkpoints"
-        if ctx.is_main:
-            (Path(out_url) / "manifest.json").unlink(missing_ok=True)
-    if cfg.resume == "none" and ctx.is_main:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    store = checkpoint.CheckpointStore.at(f"{str(out_url).rstrip('/')}/checkpoints", common.s3_endpoint_url)
+    if ctx.is_main:
+        _unfinish(out_url, common.s3_endpoint_url)
+        if cfg.resume == "none":
+            store.remove()
     ctx.barrier()
-    checkpoint.prepare_dir(ckpt_dir, identity, ctx)
+    checkpoint.prepare_dir(store, identity, ctx)
     if cfg.resume == "latest":
-        return ckpt_dir, ckpt_dir
+        return store, store.local
     if cfg.resume == "none":
-        return ckpt_dir, None
+        return store, None
     source = Path(cfg.resume)
     if checkpoint.latest_tag(source) is None:
         raise StageError(f"train_vision.resume: {source} holds no complete checkpoint (no 'latest')")
-    return ckpt_dir, source
+    return store, source
+
+
+def _unfinish(out_url: str, endpoint_url: str) -> None:
+    """Remove the output's ``manifest.json`` (the commit mark) before it is rewritten."""
+    if is_remote(out_url):
+        fs = s3_filesystem(endpoint_url)
+        if fs.exists(f"{out_url.rstrip('/')}/manifest.json"):
+            fs.rm(f"{out_url.rstrip('/')}/manifest.json")
+    else:
+        (Path(out_url) / "manifest.json").unlink(missing_ok=True)
 
 
 def build_model(cfg: TrainVisionConfig, inputs: Inputs) -> LLM2CLIPModel:
@@ -198,7 +205,8 @@ def summarize(outcome, val: dict[str, dict], wall_time_s: float) -> dict[str, An
 
 
 def write_outputs(out: Path, model: LLM2CLIPModel, outcome, val: dict[str, dict], plan, inputs: Inputs,
-                  cfg: TrainVisionConfig, common: CommonConfig, world_size: int, wall_time_s: float) -> dict:
+                  cfg: TrainVisionConfig, common: CommonConfig, world_size: int, wall_time_s: float,
+                  checkpoint_tag: str | None = None) -> dict:
     """Model, ``training_curve.png``, ``metrics.json``, then ``manifest.json`` (the commit mark)."""
     model.save_pretrained(out)
     save_training_curve(outcome.history, out / "training_curve.png", outcome.resumed_from)
@@ -215,7 +223,7 @@ def write_outputs(out: Path, model: LLM2CLIPModel, outcome, val: dict[str, dict]
                      "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
                      "precision": plan.precision, "zero_stage": cfg.zero_stage,
                      "zero_stage_run": effective_zero_stage(cfg, world_size, plan.precision),
-                     "checkpoint": checkpoint.latest_tag(out / "checkpoints")},
+                     "checkpoint": checkpoint_tag},
         "inputs": {"data": {"path": inputs.data, "manifest_sha256": inputs.data_sha256,
                             "train_samples": inputs.train_samples, "val_samples": inputs.val_samples},
                    "embeddings": {"path": inputs.embeddings, "manifest_sha256": inputs.embeddings_sha256,
@@ -226,16 +234,6 @@ def write_outputs(out: Path, model: LLM2CLIPModel, outcome, val: dict[str, dict]
         "files": files,
     })
     return metrics
-
-
-def copy_latest_checkpoint(src: Path, dst: Path) -> None:
-    """Copy the newest complete checkpoint of ``src`` (plus ``latest`` and ``run.json``) to ``dst``."""
-    tag = checkpoint.latest_tag(src)
-    if tag is None:
-        return
-    shutil.copytree(src / tag, dst / tag, dirs_exist_ok=True)
-    for name in (checkpoint.LATEST, checkpoint.RUN_FILE):
-        shutil.copy2(src / name, dst / name)
 
 
 def log_summary(metrics: dict[str, Any], where: str) -> None:

@@ -138,7 +138,8 @@ def _resume(engine, source: Path | None, outcome: TrainOutcome) -> None:
 
 
 def train(model: LLM2CLIPModel, cfg: TrainVisionConfig, *, plan: TrainPlan, batches: Batches,
-          ctx: DistContext, seed: int, ckpt_dir: Path | None, resume_from: Path | None = None,
+          ctx: DistContext, seed: int, ckpt_dir: checkpoint.CheckpointStore | None,
+          resume_from: Path | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainOutcome:
     """Train ``model`` through DeepSpeed; every rank calls it.
 
@@ -150,7 +151,7 @@ def train(model: LLM2CLIPModel, cfg: TrainVisionConfig, *, plan: TrainPlan, batc
             ``pixels (B, 3, S, S)`` and ``text (B, D_llm)``.
         ctx: The distributed context.
         seed: Base seed (per-micro-batch torch RNG).
-        ckpt_dir: Where checkpoints go (prepared with ``checkpoint.prepare_dir``); None = none.
+        ckpt_dir: Checkpoint store (prepared with ``checkpoint.prepare_dir``); None = none.
         resume_from: Checkpoint dir to continue from (its ``latest``); None = fresh start.
         on_log: Called on rank 0 every ``cfg.log_every`` steps with window averages.
 
