@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -10,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from llm2clip import tracking
 from llm2clip.config import CommonConfig, PrepareDataConfig, config_hash
 from llm2clip.io import StageError, atomic_write_json, dir_fingerprint
+from llm2clip.tracking import resolve_tracking_uri
 
 
 def _common(uri: str, **kw) -> CommonConfig:
@@ -107,3 +109,41 @@ def test_sqlite_store_keeps_artifacts_next_to_the_db(tmp_path, monkeypatch):
     with tracking.stage_run("prepare_data", PrepareDataConfig(), common) as tracker:
         tracker.log_artifact(note)
     assert list((db_dir / "mlartifacts").rglob("note.txt"))
+
+
+@pytest.mark.parametrize("marker", ["KFP_POD_NAME", "LLM2CLIP_ON_CLUSTER"])
+def test_a_cluster_run_refuses_local_tracking_in_one_line(tmp_path, marker):
+    """Inside a KFP task (the backend sets KFP_POD_NAME) or a TrainJob node, with no
+    MLFLOW_TRACKING_URI, the first stage stops at once: no sqlite file, no output."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LLM2CLIP_ALLOW_LOCAL_TRACKING")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm2clip", "prepare_data", "--set", "prepare_data.sources=[{kind: synthetic, count: 8}]",
+         "--data", str(tmp_path / "data")],
+        cwd=tmp_path, env={**env, marker: "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "Secret llm2clip-mlflow" in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
+    assert not list(tmp_path.rglob("*.db")) and not (tmp_path / "data" / "manifest.json").exists()
+
+
+def test_cluster_tracking_rules(monkeypatch):
+    from llm2clip.tracking import TrackingError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LLM2CLIP_ALLOW_LOCAL_TRACKING", raising=False)
+    monkeypatch.setenv("KFP_POD_NAME", "llm2clip-abc-system-container-impl-1")
+    for local in ("", "sqlite:///tmp/x.db", "file:///tmp/mlruns", "/tmp/mlruns"):
+        with pytest.raises(TrackingError, match="dies with the pod"):
+            resolve_tracking_uri(CommonConfig(tracking_uri=local))
+    assert resolve_tracking_uri(CommonConfig(tracking_uri="http://mlflow:5000")) == "http://mlflow:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example")
+    assert resolve_tracking_uri(CommonConfig()) == "https://mlflow.example"
+    monkeypatch.setenv("LLM2CLIP_ALLOW_LOCAL_TRACKING", "1")  # the explicit opt-in
+    assert resolve_tracking_uri(CommonConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
+    monkeypatch.delenv("KFP_POD_NAME")
+    monkeypatch.delenv("LLM2CLIP_ALLOW_LOCAL_TRACKING")
+    assert resolve_tracking_uri(CommonConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"  # off-cluster

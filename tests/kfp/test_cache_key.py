@@ -1,0 +1,132 @@
+"""KFP caching is correct: a task's key moves with its data, its section, the code and the image,
+and with nothing else (not the run id, not the cluster profile's pod settings).
+
+Keys are computed by pipelines.cache_key, a model of the KFP backend's ``GenerateCacheKey`` (its
+fields are listed there) over the real compiled pipeline; no KFP backend runs here.
+"""
+
+import shutil
+
+import pytest
+import yaml
+from kfp import dsl
+from kfp_helpers import REPO
+
+from components import image_tag, source_digest
+from llm2clip.cluster.profile import load_cluster_profile
+from llm2clip.config import load_params
+from llm2clip.stages import STAGES
+from pipelines.cache_key import task_cache_keys
+from pipelines.compile import compile_pipeline
+from pipelines.llm2clip_pipeline import pipeline_arguments
+
+DOWNSTREAM = {  # a stage and every stage that consumes its outputs, directly or not
+    "prepare_data": set(STAGES),
+    "caption_contrastive": {"caption_contrastive", "embed_captions", "train_vision", "evaluate", "register"},
+    "embed_captions": {"embed_captions", "train_vision", "evaluate", "register"},
+    "train_vision": {"train_vision", "evaluate", "register"},
+    "evaluate": {"evaluate", "register"},
+    "register": {"register"},
+}
+
+
+def compile_spec(tmp_path, profile) -> dict:
+    path = compile_pipeline(tmp_path / f"{getattr(profile, 'stem', profile)}.yaml", profile)
+    return next(yaml.safe_load_all(path.read_text()))
+
+
+def changed(a: dict[str, str], b: dict[str, str]) -> set[str]:
+    return {stage for stage in a if a[stage] != b[stage]}
+
+
+@pytest.fixture(scope="module")
+def arguments():
+    return pipeline_arguments(load_params(REPO / "params.yaml"))
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_section_change_reruns_the_stage_and_what_reads_its_outputs(compiled, arguments, profile, stage):
+    spec = compiled[profile][0]
+    base = task_cache_keys(spec, arguments)
+    edited = {**arguments, stage: {**arguments[stage], "seed_offset_probe": 1}}
+    assert changed(base, task_cache_keys(spec, edited)) == DOWNSTREAM[stage]
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_new_data_always_reruns_the_training_launchers(compiled, arguments, profile):
+    """Under the gpu profile train_vision's task only launches a TrainJob; it still takes the data
+    artifacts as inputs, so new data is a new key and the launcher is never skipped."""
+    spec = compiled[profile][0]
+    edited = {**arguments, "prepare_data": {**arguments["prepare_data"], "val_fraction": 0.2}}
+    assert {"caption_contrastive", "train_vision"} <= changed(task_cache_keys(spec, arguments),
+                                                              task_cache_keys(spec, edited))
+
+
+def test_common_changes_every_stage(compiled, arguments):
+    spec = compiled["cpu"][0]
+    edited = {**arguments, "common": {**arguments["common"], "seed": 123}}
+    assert changed(task_cache_keys(spec, arguments), task_cache_keys(spec, edited)) == set(STAGES)
+
+
+def test_image_changes_rerun_the_tasks_that_use_them(compiled, arguments):
+    cpu = compiled["cpu"][0]
+    assert changed(task_cache_keys(cpu, arguments),
+                   task_cache_keys(cpu, {**arguments, "image": "registry/llm2clip:other-cpu"})) == set(STAGES)
+    gpu = compiled["gpu"][0]
+    base = task_cache_keys(gpu, arguments)
+    # GPU tasks run gpu_image; the TrainJob launchers pass it to their nodes (trainjob_image)
+    assert changed(base, task_cache_keys(gpu, {**arguments, "gpu_image": "registry/llm2clip:x-cu128"})) == (
+        DOWNSTREAM["caption_contrastive"])
+
+
+def test_a_code_change_is_a_new_default_image(tmp_path):
+    for name in ("pyproject.toml", "Dockerfile"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "llm2clip", tmp_path / "llm2clip", ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(tmp_path) == source_digest(REPO)
+    (tmp_path / "README.md").write_text("docs only")  # not in the image's code: no new tag
+    assert source_digest(tmp_path) == source_digest(REPO)
+    config = tmp_path / "llm2clip" / "config.py"
+    config.write_text(config.read_text().replace("seed: int = 0", "seed: int = 1"))
+    assert source_digest(tmp_path) != source_digest(REPO)
+    assert image_tag("cpu", root=tmp_path) != image_tag("cpu") and image_tag("cpu").endswith("-cpu")
+    assert image_tag("gpu").endswith("-cu128")
+
+
+def test_default_images_name_this_source_tree(compiled):
+    spec = compiled["cpu"][0]
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["image"]["defaultValue"] == image_tag("cpu")
+    assert defaults["gpu_image"]["defaultValue"] == image_tag("gpu")
+
+
+def test_the_run_id_is_no_task_input(compiled):
+    """It was a parameter: every run had new keys, so nothing was ever reused across runs."""
+    for profile in ("cpu", "gpu"):
+        spec, _ = compiled[profile]
+        text = yaml.safe_dump(spec)
+        assert dsl.PIPELINE_JOB_ID_PLACEHOLDER not in text and "pipeline_run_id" not in text
+
+
+def test_pod_settings_move_no_key(tmp_path, compiled, arguments):
+    """Resources, GPUs of a local task, secrets, tolerations, retries, timeouts, /dev/shm: none enters the key."""
+    raw = yaml.safe_load((REPO / "params" / "cluster" / "cpu.yaml").read_text())
+    raw["defaults"].update(cpu_request="7", memory_limit="64Gi", retries=5, timeout_s=99, shm_size="8Gi",
+                           tolerations=[{"key": "x", "operator": "Exists"}], node_selector={"pool": "big"})
+    raw["secrets"].append({"secret": "extra", "env": {"EXTRA": "EXTRA"}})
+    raw["stages"]["evaluate"] = {"memory_request": "1Gi"}
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(raw))
+    load_cluster_profile(edited)  # valid
+    assert task_cache_keys(compile_spec(tmp_path, edited), arguments) == task_cache_keys(compiled["cpu"][0], arguments)
+
+
+def test_num_nodes_is_in_the_key(tmp_path, compiled, arguments):
+    """The TrainJob's node count sets the world size (the global batch): it reruns training."""
+    raw = yaml.safe_load((REPO / "params" / "cluster" / "gpu.yaml").read_text())
+    raw["stages"]["train_vision"]["num_nodes"] = 4
+    edited = tmp_path / "gpu4.yaml"
+    edited.write_text(yaml.safe_dump(raw))
+    assert changed(task_cache_keys(compiled["gpu"][0], arguments),
+                   task_cache_keys(compile_spec(tmp_path, edited), arguments)) == DOWNSTREAM["train_vision"]
