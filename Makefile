@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: install run test lint compile clean
+.PHONY: install run test lint compile image-tag clean
 
 install: $(STAMP)
 
@@ -35,7 +35,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check llm2clip components pipelines tests bench
 
 compile: $(STAMP)
-	$(PY) -m pipelines.compile
+	$(PY) -m pipelines.compile --cluster $(or $(CLUSTER),cpu)
+
+FLAVOR ?= cpu
+image-tag: $(STAMP)   # the image tag of this source tree: make -s image-tag FLAVOR=cpu|gpu
+	@$(PY) -c "from components import image_tag; print(image_tag('$(FLAVOR)'))"
 
 clean:
 	rm -rf $(VENV) .cache local_outputs build

@@ -58,6 +58,7 @@ def test_torch_pin_is_installed_alone_before_the_package():
     package_step = next(i for i, s in enumerate(steps) if re.search(r"pip install \"?\.\[", s))
     assert torch_step < package_step
     assert f'"{torch}"' in steps[torch_step] and "--index-url" in steps[torch_step]
+    assert "whl/${TORCH_FLAVOR}" in steps[torch_step]
     assert steps[torch_step].count("pip install") == 1 and "&&" not in steps[torch_step]
 
 
@@ -91,3 +92,19 @@ def test_copied_sources_exist_and_pass_dockerignore():
             for source in sources:
                 assert (REPO / source).exists(), source
                 assert f"!{source.rstrip('/')}" in {line.rstrip("/") for line in ignore}, source
+
+
+def test_one_file_builds_both_flavors_with_distinct_tags():
+    """TORCH_FLAVOR picks the wheel index; the tags differ by flavor and name the source digest."""
+    sys.path.insert(0, str(REPO))
+    from components import FLAVORS, image_tag, source_digest
+
+    assert ("ARG", "TORCH_FLAVOR=cpu") in instructions()
+    assert set(FLAVORS.values()) == {"cpu", "cu128"}
+    cpu, gpu = image_tag("cpu"), image_tag("gpu")
+    assert cpu != gpu and cpu.endswith("-cpu") and gpu.endswith("-cu128")
+    assert source_digest() in cpu and source_digest() in gpu
+    text = DOCKERFILE.read_text()
+    assert "TORCH_FLAVOR=cu128" in text and "image-tag FLAVOR=gpu" in text  # the documented build lines
+    envs = " ".join(args for word, args in instructions() if word == "ENV")
+    assert "TORCH_EXTENSIONS_DIR=/tmp/" in envs  # writable under a random non-root UID

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-from kfp import dsl
 from kfp_helpers import REPO
 from tiny_pipeline import write_tiny_params
 
@@ -74,7 +73,8 @@ def test_kfp_run_equals_a_cli_run(local_run, tmp_path):
 
 
 def test_tasks_are_tagged_with_the_local_pipeline_run_id(local_run):
-    """kfp.local replaces PIPELINE_JOB_ID_PLACEHOLDER with one random id for the whole run."""
+    """pipelines.local gives every task one run id through $LLM2CLIP_PIPELINE_RUN_ID (on a cluster the
+    pod's pipeline/runid label does); it is no task parameter, so it never enters a cache key."""
     from mlflow.tracking import MlflowClient
 
     _, uri, _, _ = local_run
@@ -86,8 +86,30 @@ def test_tasks_are_tagged_with_the_local_pipeline_run_id(local_run):
     run_ids = {r.data.tags["llm2clip.pipeline_run_id"] for r in runs}
     assert len(run_ids) == 1
     (run_id,) = run_ids
-    assert run_id != dsl.PIPELINE_JOB_ID_PLACEHOLDER and re.fullmatch(r"\d{1,8}", run_id)
+    assert re.fullmatch(r"local-\d{8}-\d{6}-[0-9a-f]{6}", run_id)
     (parent,) = client.search_runs(experiments, filter_string="tags.`llm2clip.stage` = 'pipeline'")
     assert parent.data.tags["llm2clip.pipeline_run_id"] == run_id
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_artifacts_carry_metadata_and_evaluate_publishes_kfp_outputs(local_run):
+    """Every output artifact gets its manifest's scalars as metadata (the KFP UI shows them);
+    evaluate adds Metrics (compared across runs), HTML and Markdown (rendered in the UI)."""
+    run_dir, _, _, _ = local_run
+    executor = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
+    artifacts = {name: a["artifacts"][0] for name, a in executor["artifacts"].items()}
+    report = artifacts["report"]["metadata"]
+    assert report["stage"] == "evaluate" and report["primary_metric"] == "val.mean_R_at_1"
+    assert isinstance(report["gate_passed"], bool) and 0.0 <= report["primary"] <= 1.0
+    metrics = artifacts["metrics"]["metadata"]
+    assert metrics["val.mean_R_at_1"] == report["primary"] and len(metrics) > 5
+    html = (run_dir / "evaluate" / "report_html").read_text()
+    assert "<html" in html.lower() and "data:image/png;base64," in html
+    assert "R@1" in (run_dir / "evaluate" / "report_markdown").read_text()
+    data = json.loads((run_dir / "prepare-data" / "executor_output.json").read_text())
+    meta = data["artifacts"]["data"]["artifacts"][0]["metadata"]
+    assert meta["stage"] == "prepare_data" and meta["counts.seen"] == 48
+    register = json.loads((run_dir / "register" / "executor_output.json").read_text())
+    reg_meta = register["artifacts"]["registration"]["artifacts"][0]["metadata"]
+    assert any(str(v).startswith("models:/llm2clip-tiny") for v in reg_meta.values()), reg_meta

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,19 +12,20 @@ from kfp_helpers import REPO, dvc_edges, pipeline_edges
 
 from llm2clip.config import Params, load_params, load_sections
 from llm2clip.stages import STAGES
-from pipelines import submit
-from pipelines.llm2clip_pipeline import PIPELINE_NAME, llm2clip_pipeline, pipeline_arguments
+from pipelines.llm2clip_pipeline import PIPELINE_NAME, SECTIONS, llm2clip_pipeline, pipeline_arguments
 
 PARAM_FILES = [REPO / "params.yaml", *sorted((REPO / "params").glob("*.yaml"))]
 
 
 def test_pipeline_takes_common_plus_one_section_per_stage(compiled_ir):
     declared = compiled_ir["root"]["inputDefinitions"]["parameters"]
-    assert list(llm2clip_pipeline.component_spec.inputs) == ["common", *STAGES]
-    assert sorted(declared) == sorted(["common", *STAGES])
-    assert set(declared) <= set(Params.__dataclass_fields__)
-    assert all(p["parameterType"] == "STRUCT" for p in declared.values())
-    assert all("defaultValue" not in p for p in declared.values()), "params come from params.yaml"
+    assert list(llm2clip_pipeline.component_spec.inputs) == ["common", *STAGES, "image", "gpu_image"]
+    sections = {name: p for name, p in declared.items() if name not in ("image", "gpu_image")}
+    assert sorted(sections) == sorted(["common", *STAGES]) == sorted(SECTIONS)
+    assert set(sections) <= set(Params.__dataclass_fields__)
+    assert all(p["parameterType"] == "STRUCT" for p in sections.values())
+    assert all("defaultValue" not in p for p in sections.values()), "params come from params.yaml"
+    assert declared["image"]["parameterType"] == declared["gpu_image"]["parameterType"] == "STRING"
     assert all(p.get("description") for p in declared.values())
     assert compiled_ir["pipelineInfo"]["name"] == PIPELINE_NAME
 
@@ -86,60 +86,6 @@ def test_edge_helpers_see_artifact_and_after_edges(tmp_path):
               "deps": ["x/sub", "src.py"], "outs": ["y"]},
     }
     assert dvc_edges(stages) == {("a", "b", "")}
-
-
-class FakeClient:
-    """Records what submit would send to a KFP API server."""
-
-    instances: list["FakeClient"] = []
-
-    def __init__(self, host=None, **kwargs):
-        self.host, self.kwargs, self.calls = host, kwargs, []
-        FakeClient.instances.append(self)
-
-    def create_run_from_pipeline_package(self, pipeline_file, **kwargs):
-        ir = yaml.safe_load(Path(pipeline_file).read_text())
-        self.calls.append((ir, kwargs))
-        return type("Result", (), {"run_id": "run-123"})()
-
-
-@pytest.fixture()
-def fake_client(monkeypatch):
-    import kfp
-
-    FakeClient.instances = []
-    monkeypatch.setattr(kfp, "Client", FakeClient)
-    return FakeClient
-
-
-def test_submit_sends_validated_sections(fake_client, capsys):
-    params = REPO / "params" / "full.yaml"
-    rc = submit.main(["--host", "http://kfp.invalid", "--params", str(params),
-                      "--set", "prepare_data.shard_size=123", "--run-name", "r1", "--no-cache"])
-    assert rc == 0
-    assert capsys.readouterr().out.strip() == "run-123"
-    (client,) = fake_client.instances
-    assert client.host == "http://kfp.invalid"
-    ((ir, kwargs),) = client.calls
-    assert ir["pipelineInfo"]["name"] == PIPELINE_NAME
-    expected = pipeline_arguments(load_params(params, ["prepare_data.shard_size=123"]))
-    assert kwargs["arguments"] == expected and expected["prepare_data"]["shard_size"] == 123
-    assert expected["prepare_data"]["sources"][0]["kind"] == "webdataset"  # the file, not defaults
-    assert kwargs["experiment_name"] == expected["common"]["experiment"]
-    assert kwargs["run_name"] == "r1" and kwargs["enable_caching"] is False
-
-
-@pytest.mark.parametrize("bad", [["--set", "prepare_data.shard_size=many"],
-                                 ["--set", "prepare_data.no_such_key=1"]])
-def test_submit_rejects_bad_params_before_connecting(fake_client, bad):
-    rc = submit.main(["--host", "http://kfp.invalid", "--params", str(REPO / "params.yaml"), *bad])
-    assert rc == 2
-    assert fake_client.instances == [], "nothing may be sent for invalid params"
-
-
-def test_submit_rejects_a_missing_params_file(fake_client, tmp_path):
-    assert submit.main(["--host", "http://h", "--params", str(tmp_path / "nope.yaml")]) == 2
-    assert fake_client.instances == []
 
 
 def test_local_rejects_bad_params_before_running(tmp_path):

@@ -120,8 +120,8 @@ def test_a_cluster_run_refuses_local_tracking_in_one_line(tmp_path, marker):
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LLM2CLIP_ALLOW_LOCAL_TRACKING")}
     proc = subprocess.run(
-        [sys.executable, "-m", "llm2clip", "prepare_data", "--set", "prepare_data.sources=[{kind: synthetic, count: 8}]",
-         "--data", str(tmp_path / "data")],
+        [sys.executable, "-m", "llm2clip", "prepare_data", "--set",
+         "prepare_data.sources=[{kind: synthetic, count: 8}]", "--data", str(tmp_path / "data")],
         cwd=tmp_path, env={**env, marker: "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
