@@ -798,18 +798,23 @@ def _index(key: str, node: list, keys: list[str]) -> int:
     return int(key)
 
 
+def read_yaml_mapping(path: str | Path, what: str = "params file",
+                      shape: str = "a mapping of sections") -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a missing file or bad YAML is a ConfigError."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"{what} not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected {shape} at the top level")
+    return raw
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
     """Load, override and validate a params file (``None``: all defaults)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"params file not found: {path}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = read_yaml_mapping(path) if path is not None else {}
     return from_dict(Params, apply_overrides(raw, overrides or []))
 
 

@@ -21,14 +21,13 @@ Validation is the params loader's: an unknown key, a wrong type or a bad value i
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from llm2clip.config import ConfigError, from_dict, to_dict
+from llm2clip.config import ConfigError, from_dict, read_yaml_mapping, to_dict
 
 TRAINING_STAGES = ("caption_contrastive", "train_vision")
 """Stages that may run as a multi-node Kubeflow Trainer TrainJob."""
@@ -189,14 +188,9 @@ def load_cluster_profile(path: str | Path) -> ClusterProfile:
     path = Path(path)
     if path.suffix not in (".yaml", ".yml") and not path.exists():
         path = _DEFAULT_PROFILES / f"{path}.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as err:
-        raise ConfigError(f"cluster profile not found: {path}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "cluster profile", "a mapping")
+    if "tasks" in raw:
+        raise ConfigError(f"{path}: set tasks under 'defaults' and 'stages.<stage>', not 'tasks'")
     defaults, stages = raw.pop("defaults", {}) or {}, raw.pop("stages", {}) or {}
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -207,5 +201,4 @@ def load_cluster_profile(path: str | Path) -> ClusterProfile:
         if task.launcher == "trainjob" and stage not in TRAINING_STAGES:
             raise ConfigError(f"stages.{stage}.launcher: only {' and '.join(TRAINING_STAGES)} run as a TrainJob")
         tasks[stage] = task
-    profile = from_dict(ClusterProfile, {"name": path.stem, **raw})
-    return ClusterProfile(**{**profile.__dict__, "tasks": tasks})
+    return dataclasses.replace(from_dict(ClusterProfile, {"name": path.stem, **raw}), tasks=tasks)
