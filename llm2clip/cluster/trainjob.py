@@ -261,20 +261,10 @@ def _create_or_adopt(api: TrainJobApi, job: dict, poll_s: float) -> None:
     raise TrainJobError(f"TrainJob {name} was not deleted within {_DELETE_WAIT_S:.0f} s; delete it by hand and retry")
 
 
-def _scalars(manifest: dict) -> dict[str, Any]:
-    """Scalar fields of a manifest, nested mappings flattened one level (``training_steps``)."""
-    out: dict[str, Any] = {}
-    for key, value in manifest.items():
-        items = value.items() if isinstance(value, dict) and key != "files" else [("", value)]
-        for sub, v in items:
-            if isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= 256):
-                out[f"{key}_{sub}" if sub else key] = v
-    return out
-
-
 def _verify_outputs(stage: str, job: dict, uris: dict[str, str], endpoint_url: str) -> dict[str, Any]:
     """Read each output's manifest; the stage and config hash must be the ones the job ran."""
     from llm2clip.io import StageError, read_manifest
+    from llm2clip.stages import manifest_metadata
 
     expected = job["metadata"]["labels"]["llm2clip/config-hash"]
     summary: dict[str, Any] = {}
@@ -290,7 +280,7 @@ def _verify_outputs(stage: str, job: dict, uris: dict[str, str], endpoint_url: s
                 f"{manifest.get('config_hash')!r}, but the TrainJob ran {stage} with config_hash {expected!r}: "
                 "a stale or foreign output")
         prefix = f"{out}_" if len(_outputs(stage)) > 1 else ""
-        summary.update({f"{prefix}{k}": v for k, v in _scalars(manifest).items()})
+        summary.update({f"{prefix}{k}": v for k, v in manifest_metadata(manifest).items()})
     return summary
 
 
@@ -348,9 +338,9 @@ def run_trainjob(stage: str, common: dict, config: dict, uris: dict[str, str], *
     trainer = job["spec"]["trainer"]
     summary = _verify_outputs(stage, job, uris, common_cfg.s3_endpoint_url)
     world = trainer["numNodes"] * trainer["numProcPerNode"]
-    if summary.get("training_world_size", world) != world:
+    if summary.get("training.world_size", world) != world:
         log.warning("%s: the manifest says world size %s, the TrainJob had %d", stage,
-                    summary["training_world_size"], world)
+                    summary["training.world_size"], world)
     log.info("TrainJob %s complete; %s verified (config_hash %s)", name, stage, summary["config_hash"])
     return {**summary, "trainjob": name, "num_nodes": trainer["numNodes"],
             "nproc_per_node": trainer["numProcPerNode"], "world_size": world}

@@ -139,9 +139,15 @@ def output_metadata(directory: str, endpoint_url: str = "", result: Any = None) 
     stage ran in this process.
     """
     from llm2clip.io import read_manifest
+
+    return manifest_metadata(read_manifest(directory, endpoint_url), result)
+
+
+def manifest_metadata(manifest: dict[str, Any], result: Any = None) -> dict[str, Any]:
+    """The scalars of :func:`output_metadata` from an already read manifest."""
     from llm2clip.tracking import flatten
 
-    values = flatten(read_manifest(directory, endpoint_url))
+    values = flatten({k: v for k, v in manifest.items() if k != "files"})
     if result is not None:
         values |= flatten(result.summary())
     return {k: v for k, v in sorted(values.items())

@@ -191,7 +191,7 @@ def test_success_streams_logs_and_verifies_the_manifest(fake_server, s3):
     assert sink == [f"[{pod.name}] rank 0: step 1 loss 2.1", f"[{pod.name}] rank 0: step 2 loss 1.9"]
     assert result["trainjob"].startswith("l2c-train-vision-")
     assert (result["num_nodes"], result["nproc_per_node"], result["world_size"]) == (2, 2, 4)
-    assert result["stage"] == STAGE and result["training_steps"] == 7 and result["model_tower"] == "vit_scratch"
+    assert result["stage"] == STAGE and result["training.steps"] == 7 and result["model.tower"] == "vit_scratch"
     assert all(isinstance(v, (str, int, float, bool)) for v in result.values())
     [post] = fake.calls("POST")
     assert post.query["fieldValidation"] == ["Strict"]
