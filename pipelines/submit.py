@@ -66,7 +66,7 @@ import yaml
 from kfp.client.token_credentials_base import TokenCredentialsBase
 from kfp_server_api.exceptions import ApiException
 
-from llm2clip.cluster.profile import ClusterProfile, load_cluster_profile
+from llm2clip.cluster.profile import ClusterProfile, check_fit, load_cluster_profile
 from llm2clip.config import ConfigError, load_params
 from llm2clip.tracking import git_revision
 from pipelines.compile import compile_pipeline
@@ -311,6 +311,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Plan:
         raise UsageError("--timeout and --poll must be > 0")
     params = load_params(args.params, args.overrides)
     profile = load_cluster_profile(args.cluster)
+    check_fit(profile, params)
     try:
         arguments = pipeline_arguments(params, {"image": args.image, "gpu_image": args.gpu_image})
     except RuntimeError as err:

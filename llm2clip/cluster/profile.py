@@ -202,3 +202,23 @@ def load_cluster_profile(path: str | Path) -> ClusterProfile:
             raise ConfigError(f"stages.{stage}.launcher: only {' and '.join(TRAINING_STAGES)} run as a TrainJob")
         tasks[stage] = task
     return dataclasses.replace(from_dict(ClusterProfile, {"name": path.stem, **raw}), tasks=tasks)
+
+
+def check_fit(profile: ClusterProfile, params: Any) -> None:
+    """Refuse params that a profile's GPU tasks cannot run: one process per GPU.
+
+    Args:
+        profile: The cluster profile.
+        params: The validated :class:`~llm2clip.config.Params`.
+
+    Raises:
+        ConfigError: A training stage on GPUs whose ``nproc_per_node`` differs from its GPUs per
+            node (processes would share a GPU or leave some idle).
+    """
+    for stage in TRAINING_STAGES:
+        task, nproc = profile.task(stage), params.section(stage).nproc_per_node
+        if task.gpu and nproc != task.accelerator_count:
+            raise ConfigError(
+                f"{stage}.nproc_per_node is {nproc}, but cluster profile {profile.name} gives each node "
+                f"{task.accelerator_count} {task.accelerator_type}: run one process per GPU "
+                f"(--set {stage}.nproc_per_node={task.accelerator_count})")

@@ -145,3 +145,15 @@ def test_compile_cli_refuses_a_missing_profile_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert "cluster profile not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_gpu_training_runs_one_process_per_gpu():
+    """submit refuses (exit 2, nothing sent) params whose training processes do not match the GPUs."""
+    from llm2clip.cluster.profile import check_fit
+    from llm2clip.config import load_params
+
+    gpu, cpu = load_cluster_profile("gpu"), load_cluster_profile("cpu")
+    check_fit(gpu, load_params(REPO / "params" / "full.yaml"))  # 8 processes on 8 GPUs per node
+    check_fit(cpu, load_params(REPO / "params.yaml"))  # CPU tasks: any process count
+    with pytest.raises(ConfigError, match=r"train_vision.nproc_per_node is 2, .*--set train_vision.nproc_per_node=8"):
+        check_fit(gpu, load_params(REPO / "params" / "full.yaml", ["train_vision.nproc_per_node=2"]))
