@@ -82,8 +82,13 @@ def one_node(world, stage: str, uris: dict[str, str]) -> None:
     cli(args, root, base_env(root / "tmp-one"))
 
 
-def start_nodes(world, stage: str, uris: dict[str, str], attempt: str) -> list[subprocess.Popen]:
-    """The TrainJob's command on two emulated nodes, each with its own cwd and $TMPDIR."""
+def start_nodes(world, stage: str, uris: dict[str, str], attempt: str, plain_cli: bool = False
+                ) -> list[subprocess.Popen]:
+    """The TrainJob's command on two emulated nodes, each with its own cwd and $TMPDIR.
+
+    ``plain_cli``: run ``python -m llm2clip <stage>`` instead of the job's ``torchrun -m llm2clip``
+    (what a hand-written TrainJob might do): launch() must then start torchrun from ``PET_*``.
+    """
     root, _, sections, _ = world
     job = build_trainjob(stage=stage, common=sections["common"], config=sections[stage] | {"nproc_per_node": 1},
                          uris=uris, image="unused", profile=PROFILE, pipeline_run_id="run-nodes")
@@ -96,7 +101,8 @@ def start_nodes(world, stage: str, uris: dict[str, str], attempt: str) -> list[s
         env = base_env(node / "tmp") | job_env | {
             "PET_NNODES": str(trainer["numNodes"]), "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1",
             "PET_MASTER_PORT": str(port), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"])}
-        command = [str(BIN / "torchrun"), *trainer["command"][1:], *trainer["args"]]
+        launcher = [sys.executable] if plain_cli else [str(BIN / "torchrun")]
+        command = [*launcher, *trainer["command"][1:], *trainer["args"]]
         procs.append(subprocess.Popen(command, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, preexec_fn=lambda: os.nice(10)))
     return procs
@@ -137,6 +143,14 @@ def test_caption_contrastive_two_nodes_equal_one(world):
     assert m2["training"]["global_batch"] == m1["training"]["global_batch"]
     assert abs(m2["cra_after"]["cra"] - m1["cra_after"]["cra"]) <= 1e-9
     assert not fs.exists(f"{two}.ckpt"), "checkpoints are removed after success (keep_checkpoints: false)"
+
+    # the same nodes running the plain CLI: launch() starts torchrun from PET_* (no --standalone,
+    # which would make each node a world of one and hang the job)
+    plain = f"{base}/cc-plain"
+    finish(start_nodes(world, "caption_contrastive", {"data": f"{base}/data", "caption_encoder": plain}, "p",
+                       plain_cli=True))
+    assert_same_weights(fs, one, plain)
+    assert manifest(fs, plain)["training"]["world_size"] == 2
 
 
 def test_train_vision_two_nodes_killed_and_resumed_from_s3_equal_one(world):
