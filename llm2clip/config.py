@@ -106,6 +106,9 @@ class WebDatasetSource:
             (e.g. ``{"short": "json:shortSV_captions", "dense": "json:longSV_captions"}``).
             A json field may hold a string or a list of strings.
         label_field: Optional class label, same syntax (``cls`` or ``json:<key>``); empty: none.
+        optional_captions: Caption names (keys of ``caption_fields``) used when present: a
+            sample whose optional field is missing or empty is kept without it (see
+            :class:`ManifestSource`). At least one caption name must stay required.
     """
 
     kind: Literal["webdataset"] = "webdataset"
@@ -113,6 +116,15 @@ class WebDatasetSource:
     urls: str = ""
     caption_fields: dict[str, str] = field(default_factory=lambda: {"short": "txt"})
     label_field: str = ""
+    optional_captions: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.optional_captions if n not in self.caption_fields]
+        if unknown or (self.caption_fields and set(self.caption_fields) <= set(self.optional_captions)):
+            raise ConfigError(
+                f"webdataset source {self.name!r}: optional_captions {list(self.optional_captions)} must be "
+                f"names of caption_fields {sorted(self.caption_fields)}, and at least one must stay required"
+            )
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,23 @@ class ManifestSource:
         image_column: Column holding the image path.
         caption_columns: Output caption name -> column (a JSONL value may be a list).
         key_column: Column with a stable sample id; empty: derived from the image path.
+            Rows with the same id (or, without ``key_column``, the same image) are ONE sample:
+            their captions are merged per name in file order, exact duplicates once (the
+            COCO / Flickr layout, one row per caption). Rows of one id that name another image
+            or another label are quarantined (``duplicate_key``, with the line number).
         label_column: Optional column with a class label (for zero-shot eval); empty: none.
+        optional_captions: Caption names (keys of ``caption_columns``) used when present, e.g.
+            ``[dense]`` for a column that is empty in most rows. A sample lacking an optional
+            caption is kept without it (its caption list is empty) instead of being quarantined;
+            each missing optional name lowers ``validation.min_captions`` by one for that
+            sample, so a sample with every required caption always passes when ``min_captions``
+            is at most the number of caption names. At least one name must stay required.
+        encoding: Text encoding of the manifest. ``auto``: UTF-8 (a UTF-8 or UTF-16 byte-order
+            mark is honoured); a file without one valid multi-byte UTF-8 character that is not
+            UTF-8 is read as ``cp1252`` (Windows Latin-1, a superset of printable ISO-8859-1) with
+            a warning that counts the characters read that way. Otherwise (and with an explicit
+            encoding) bytes that are not valid in the encoding are never replaced: their row
+            is quarantined (``bad_encoding``, line number, count) and the total is logged.
     """
 
     kind: Literal["manifest"] = "manifest"
@@ -136,6 +164,26 @@ class ManifestSource:
     caption_columns: dict[str, str] = field(default_factory=lambda: {"short": "caption"})
     key_column: str = ""
     label_column: str = ""
+    optional_captions: tuple[str, ...] = ()
+    encoding: str = "auto"
+
+    def __post_init__(self) -> None:
+        import codecs
+
+        unknown = [n for n in self.optional_captions if n not in self.caption_columns]
+        if unknown or (self.caption_columns and set(self.caption_columns) <= set(self.optional_captions)):
+            raise ConfigError(
+                f"manifest source {self.name!r}: optional_captions {list(self.optional_captions)} must be "
+                f"names of caption_columns {sorted(self.caption_columns)}, and at least one must stay required"
+            )
+        if self.encoding != "auto":
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ConfigError(
+                    f"manifest source {self.name!r}: unknown encoding {self.encoding!r} "
+                    "(use auto or a Python codec name: utf-8, cp1252, latin-1, shift_jis, ...)"
+                ) from None
 
 
 Source = SyntheticSource | EmojiSource | WebDatasetSource | ManifestSource

@@ -84,6 +84,8 @@ def collect(
         for raw in bar:
             out.seen[reader.name] += 1
             try:
+                if raw.error is not None:  # the source's own reason (and line) beats "key used"
+                    raise SampleRejected(*raw.error)
                 if raw.key in owner:
                     used = f"key {raw.key} is already used by {owner[raw.key]}"
                     raise SampleRejected(R.DUPLICATE_KEY, used)
@@ -92,7 +94,9 @@ def collect(
                     jpeg_quality=cfg.jpeg_quality, stats=out.stats,
                 )
             except SampleRejected as rej:
-                out.rejects.append(Rejection(raw.key, raw.source, raw.source_id, rej.reason, rej.detail))
+                out.rejects.append(
+                    Rejection(raw.key, raw.source, raw.source_id, rej.reason, rej.detail, line=raw.line)
+                )
                 continue
             owner[raw.key] = raw.source_id
             record.offset, record.length = spill.put(jpg)

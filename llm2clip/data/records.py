@@ -24,6 +24,7 @@ MISSING_IMAGE = "missing_image"
 MISSING_CAPTION = "missing_caption"
 TOO_FEW_CAPTIONS = "too_few_captions"
 BAD_METADATA = "bad_metadata"
+BAD_ENCODING = "bad_encoding"
 UNREADABLE_SHARD = "unreadable_shard"
 DUPLICATE_KEY = "duplicate_key"
 DUPLICATE = "duplicate"
@@ -39,8 +40,9 @@ REASONS: dict[str, str] = {
     MISSING_CAPTION: "a caption field has no usable caption",
     TOO_FEW_CAPTIONS: "fewer than validation.min_captions captions in all fields together",
     BAD_METADATA: "the row / json metadata could not be parsed",
+    BAD_ENCODING: "the manifest row has bytes that are not valid in the manifest's encoding",
     UNREADABLE_SHARD: "an input tar shard could not be read (to its end)",
-    DUPLICATE_KEY: "another sample already has this key",
+    DUPLICATE_KEY: "another sample (or manifest row) already has this key and cannot be merged with it",
     DUPLICATE: "same image and same captions as a kept sample",
 }
 
@@ -82,6 +84,8 @@ class RawSample:
         captions: Output caption name -> raw value (None, a string or a list of them).
         label: Optional class label (e.g. the shape class or emoji name).
         error: ``(reason, detail)`` when the source could not even read the sample.
+        line: 1-based line of a manifest row (the first row of a merged sample); None otherwise.
+        optional: Caption names this sample may lack (``optional_captions`` of its source).
     """
 
     source: str
@@ -91,6 +95,8 @@ class RawSample:
     captions: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
     error: tuple[str, str] | None = None
+    line: int | None = None
+    optional: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -127,18 +133,19 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class Rejection:
-    """One line of ``quarantine.jsonl``."""
+    """One line of ``quarantine.jsonl`` (``line``: the manifest line, None for other sources)."""
 
     key: str | None
     source: str
     source_id: str
     reason: str
     detail: str
+    line: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "key": self.key, "source": self.source, "source_id": self.source_id,
-            "reason": self.reason, "detail": self.detail,
+            "reason": self.reason, "detail": self.detail, "line": self.line,
         }
 
 

@@ -7,15 +7,17 @@ row or file (it yields a sample with ``error`` set instead), and reads local pat
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import logging
 import os
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llm2clip.config import (
@@ -50,10 +52,13 @@ class SourceReader:
 
 
 def check_caption_mapping(sources: tuple[Source, ...], caption_fields: tuple[str, ...]) -> None:
-    """Every mapped source must map exactly ``common.caption_fields``; fail early if not.
+    """Fail early (before any output is touched) on a source that cannot work.
+
+    Every mapped source must map exactly ``common.caption_fields`` and keep the first of them
+    required; webdataset URLs must expand (balanced braces); a local manifest must exist.
 
     Raises:
-        StageError: naming the source, the missing / unknown names and what to set.
+        StageError: naming the source, what is wrong and what to set.
     """
     for i, src in enumerate(sources):
         mapping = getattr(src, "caption_fields", None) or getattr(src, "caption_columns", None)
@@ -69,12 +74,21 @@ def check_caption_mapping(sources: tuple[Source, ...], caption_fields: tuple[str
                 f"{unknown}); map every caption field, e.g. --set prepare_data.sources.{i}.{attr}."
                 f"{(missing or unknown)[0]}=..."
             )
+        if caption_fields[0] in src.optional_captions:  # the preview and the CRA pair start from it
+            raise StageError(
+                f"prepare_data.sources[{i}] ({src.name}).optional_captions: {caption_fields[0]!r} is the "
+                "first of common.caption_fields, which every sample must have; make another field "
+                "optional or put a required field first in common.caption_fields"
+            )
         if isinstance(src, WebDatasetSource):
             bad = [s for s in mapping.values() if s.startswith("json:") and len(s) == 5]
             if bad or not src.urls:
                 raise StageError(f"prepare_data.sources[{i}] ({src.name}): set urls and use 'json:<key>'")
+            expand_urls(src.urls)
         elif not src.path:
             raise StageError(f"prepare_data.sources[{i}] ({src.name}): path is empty")
+        elif not is_remote(src.path) and not os.path.isfile(src.path):
+            raise StageError(_no_manifest(src, i))
 
 
 def open_source(src: Source, common: CommonConfig) -> SourceReader:
@@ -109,15 +123,56 @@ def _read_bytes(path: str, endpoint_url: str) -> bytes:
         return f.read()
 
 
+def split_urls(urls: str) -> list[str]:
+    """Split a comma-separated URL list at the commas OUTSIDE braces (``{a,b}`` stays whole).
+
+    Raises:
+        StageError: the braces do not balance (naming the URL list).
+    """
+    parts, depth, start, escaped = [], 0, 0, False
+    for i, ch in enumerate(urls):
+        if escaped or ch == "\\":
+            escaped = not escaped
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(urls[start:i])
+            start = i + 1
+        if depth < 0:
+            break
+    if depth != 0:
+        raise StageError(_unbalanced(urls))
+    parts.append(urls[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
 def expand_urls(urls: str) -> list[str]:
-    """``a-{000..002}.tar,b.tar`` -> the list of shard paths (brace patterns expanded)."""
+    """``a-{000..002}.tar,s3://b/{x,y}.tar`` -> the list of shard paths, in order.
+
+    Commas outside braces separate URLs; inside braces they are alternatives; ``{00..09}`` is a
+    zero-padded range; patterns combine (``{a,b}-{0..1}`` -> 4 URLs).
+
+    Raises:
+        StageError: unbalanced braces (naming the URL list), or nothing to read.
+    """
     import braceexpand
 
     out: list[str] = []
-    for part in (u.strip() for u in urls.split(",")):
-        if part:
+    for part in split_urls(urls):
+        try:
             out.extend(braceexpand.braceexpand(part))
+        except braceexpand.UnbalancedBracesError:
+            raise StageError(_unbalanced(urls)) from None
+    if not out:
+        raise StageError(f"webdataset urls {urls!r}: no URL to read")
     return out
+
+
+def _unbalanced(urls: str) -> str:
+    return (f"webdataset urls {urls!r}: unbalanced braces; write alternatives as {{a,b}} and ranges as "
+            "{000..009}, and separate whole URLs with commas outside braces")
 
 
 # ------------------------------------------------------------------------------ webdataset
@@ -166,6 +221,7 @@ def _wds_sample(src: WebDatasetSource, url: str, key: str, files: dict[str, byte
         return sample
     sample.image = files[ext]
     sample.captions = {name: _wds_caption(files, spec, meta) for name, spec in src.caption_fields.items()}
+    sample.optional = frozenset(src.optional_captions)
     if src.label_field:
         label = _wds_caption(files, src.label_field, meta)
         sample.label = None if label is None else str(label)
@@ -191,31 +247,148 @@ def iter_webdataset(src: WebDatasetSource, endpoint_url: str = "") -> Iterator[R
 
 # -------------------------------------------------------------------------------- manifest
 
+_CSV_FIELD_LIMIT = 2**31 - 1  # largest bound every platform's C long takes
+_FALLBACK_ENCODING = "cp1252"
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes surrogateescape could not decode
+_VALID_NON_ASCII = re.compile("[^\x00-\x7f\udc80-\udcff]")
 
-def _manifest_rows(src: ManifestSource, endpoint_url: str) -> Iterator[tuple[int, dict | None, str]]:
-    """``(line_no, row or None, error)`` of a CSV or JSONL manifest."""
-    text = _read_bytes(src.path, endpoint_url).decode("utf-8-sig", errors="replace")
-    if src.path.lower().endswith((".jsonl", ".ndjson", ".json")):
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                yield n, None, f"line {n} is not valid JSON: {err}"
-                continue
-            yield (n, row, "") if isinstance(row, dict) else (n, None, f"line {n} is not an object")
-        return
-    reader = csv.DictReader(io.StringIO(text))
+
+def _no_manifest(src: ManifestSource, index: int | None = None) -> str:
+    where = f"prepare_data.sources[{index}] ({src.name})" if index is not None else f"source {src.name!r}"
+    return (f"{where}: manifest {src.path} does not exist or is not a file; fix the source's path "
+            f"(e.g. --set prepare_data.sources.{index if index is not None else 'N'}.path=...)")
+
+
+@dataclass
+class Decoded:
+    """A manifest's text and how it was read.
+
+    Attributes:
+        text: The decoded text; bytes not valid in ``encoding`` are lone surrogates
+            U+DC80..U+DCFF (``surrogateescape``), never silently replaced.
+        encoding: The codec used.
+        undecodable: How many such bytes there are.
+    """
+
+    text: str
+    encoding: str
+    undecodable: int = 0
+
+
+def _decode_as(data: bytes, encoding: str, path: str) -> Decoded:
+    try:
+        text = data.decode(encoding, errors="surrogateescape")
+    except UnicodeDecodeError as err:  # codecs whose errors surrogateescape cannot carry (UTF-16)
+        raise StageError(f"{path}: cannot be read as {encoding} ({err}); set the source's encoding to "
+                         "the file's encoding (e.g. utf-8, cp1252, utf-16)") from None
+    return Decoded(text.removeprefix("\ufeff"), encoding, len(_ESCAPED.findall(text)))
+
+
+def decode_manifest(data: bytes, encoding: str, path: str) -> Decoded:
+    """Decode a manifest (see ``ManifestSource.encoding``); the fallback is logged with counts."""
+    if encoding != "auto":
+        return _decode_as(data, encoding, path)
+    if data.startswith(codecs.BOM_UTF8):
+        return _decode_as(data, "utf-8-sig", path)
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return _decode_as(data, "utf-16", path)
+    decoded = _decode_as(data, "utf-8", path)
+    if decoded.undecodable and not _VALID_NON_ASCII.search(decoded.text):
+        try:  # not UTF-8 at all (no single valid multi-byte character): a legacy 8-bit file
+            text = data.decode(_FALLBACK_ENCODING)
+        except UnicodeDecodeError:
+            return decoded  # not cp1252 either: its bad rows are quarantined
+        chars = [ch for ch in text if ord(ch) > 127]
+        log.warning(
+            "%s is not UTF-8: read as %s, %d non-ASCII character(s) (e.g. %s); set the source's "
+            "encoding (e.g. encoding: latin-1) if that is not the file's encoding",
+            path, _FALLBACK_ENCODING, len(chars), "".join(sorted(set(chars))[:12]),
+        )
+        return Decoded(text, _FALLBACK_ENCODING)
+    return decoded
+
+
+def _encoding_error(text: str, n: int, encoding: str) -> tuple[str, str] | None:
+    """``(bad_encoding, detail)`` when ``text`` (one row) holds undecodable bytes, else None."""
+    bad = _ESCAPED.findall(text)
+    if not bad:
+        return None
+    shown = " ".join(f"0x{ord(ch) - 0xDC00:02x}" for ch in bad[:4])
+    return (R.BAD_ENCODING, f"line {n}: {len(bad)} byte(s) not valid {encoding} ({shown}); set the "
+                            "source's encoding to the file's encoding (e.g. encoding: cp1252)")
+
+
+Row = tuple[int, dict | None, tuple[str, str] | None]  # (first line, row, (reason, detail) or None)
+
+
+def _jsonl_rows(decoded: Decoded) -> Iterator[Row]:
+    for n, line in enumerate(decoded.text.split("\n"), start=1):  # not splitlines(): U+2028 is data
+        if not line.strip():
+            continue
+        if error := _encoding_error(line, n, decoded.encoding):
+            yield n, None, error
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            yield n, None, (R.BAD_METADATA, f"line {n} is not valid JSON: {err}")
+            continue
+        yield (n, row, None) if isinstance(row, dict) else (n, None, (R.BAD_METADATA, f"line {n} is not an object"))
+
+
+def _csv_rows(src: ManifestSource, decoded: Decoded) -> Iterator[Row]:
+    """CSV rows as dicts; a row's number is the line it starts on (quoted newlines allowed)."""
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:  # a giant caption is validated, not a crash
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+    reader = csv.reader(io.StringIO(decoded.text, newline=""))
+    header = next(reader, [])
     needed = [src.image_column, *src.caption_columns.values(), *filter(None, [src.key_column])]
-    missing = [c for c in needed if c not in (reader.fieldnames or [])]
+    missing = [c for c in needed if c not in header]
     if missing:
+        nul = "\x00" in "".join(header)
+        utf16 = " (NUL bytes: UTF-16 without a byte-order mark? set encoding: utf-16)" if nul else ""
         raise StageError(
-            f"{src.path}: column(s) {missing} not found (columns: {reader.fieldnames}); "
+            f"{src.path}: column(s) {missing} not found (columns: {header}){utf16}; "
             f"fix the manifest or the source's image_column/caption_columns/key_column"
         )
-    for n, row in enumerate(reader, start=2):
-        yield n, row, ""
+    end = reader.line_num
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            yield end + 1, None, (R.BAD_METADATA, f"line {end + 1}: {err}")
+            end = reader.line_num
+            continue
+        start, end = end + 1, reader.line_num
+        if values:
+            error = _encoding_error("\x00".join(values), start, decoded.encoding)
+            yield start, None if error else dict(zip(header, values, strict=False)), error
+
+
+def _manifest_rows(src: ManifestSource, endpoint_url: str) -> Iterator[Row]:
+    """``(line_no, row or None, error)`` of a CSV or JSONL manifest.
+
+    Raises:
+        StageError: the manifest does not exist, a needed CSV column is missing or the file
+            cannot be decoded at all.
+    """
+    try:
+        data = _read_bytes(src.path, endpoint_url)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise StageError(_no_manifest(src)) from None
+    except PermissionError as err:
+        raise StageError(f"source {src.name!r}: no permission to read manifest {src.path} ({err}); "
+                         "fix the file's permissions or the credentials") from None
+    decoded = decode_manifest(data, src.encoding, src.path)
+    if decoded.undecodable:
+        log.warning("%s: %d byte(s) are not valid %s; their rows are quarantined as %s (set the "
+                    "source's encoding if the file has another one)", src.path, decoded.undecodable,
+                    decoded.encoding, R.BAD_ENCODING)
+    if src.path.lower().endswith((".jsonl", ".ndjson", ".json")):
+        return _jsonl_rows(decoded)
+    return _csv_rows(src, decoded)
 
 
 def _image_path(src: ManifestSource, value: str) -> str:
@@ -231,27 +404,110 @@ def _image_path(src: ManifestSource, value: str) -> str:
     return f"{root.rstrip('/')}/{value}" if is_remote(root) else os.path.join(root, value)
 
 
-def iter_manifest(src: ManifestSource, endpoint_url: str = "") -> Iterator[RawSample]:
-    """Samples of a CSV/JSONL manifest plus an image folder (local or ``s3://``)."""
-    for n, row, error in _manifest_rows(src, endpoint_url):
-        where = f"{src.path}:{n}"
+@dataclass
+class _Group:
+    """The rows of one sample (one key): first line, image, label, merged captions."""
+
+    line: int
+    key: str
+    image: Any
+    label: str | None
+    captions: dict[str, list[Any]] = field(default_factory=dict)
+    rows: int = 1
+
+    def add(self, name: str, value: Any) -> None:
+        """Append a raw caption value (a list is flattened); None, "" and exact repeats are skipped."""
+        kept = self.captions.setdefault(name, [])
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and v != "" and v not in kept:
+                kept.append(v)
+
+
+def _row_group(src: ManifestSource, n: int, row: dict) -> _Group:
+    image = row.get(src.image_column)
+    raw_id = str(row.get(src.key_column) or "") if src.key_column else ""
+    if not raw_id and isinstance(image, str):
+        raw_id = os.path.splitext(image)[0]
+    label = row.get(src.label_column) if src.label_column else None
+    group = _Group(n, make_key(src.name, raw_id or f"line-{n}"), image, None if label in (None, "") else str(label))
+    for name, column in src.caption_columns.items():
+        group.add(name, row.get(column))
+    return group
+
+
+def _conflict(first: _Group, row: _Group, src: ManifestSource) -> str:
+    """Why ``row`` cannot merge into ``first`` (same key), or "" when it can."""
+    what = []
+    if row.image != first.image:
+        what.append(f"image {row.image!r} (line {first.line}: {first.image!r})")
+    if None not in (row.label, first.label) and row.label != first.label:
+        what.append(f"label {row.label!r} (line {first.line}: {first.label!r})")
+    if not what:
+        return ""
+    fix = ("give each sample its own id in key_column" if src.key_column
+           else "set key_column to a column with one id per image")
+    return (f"line {row.line}: key {row.key} is already used by line {first.line}, but this row has "
+            f"another {' and '.join(what)}; rows of one sample must agree on image and label: fix the row "
+            f"or {fix}")
+
+
+def merge_rows(src: ManifestSource, rows: Iterator[Row]) -> list[_Group | RawSample]:
+    """Group manifest rows by key in file order: one entry per sample or unusable row.
+
+    Rows sharing a key (one row per caption, COCO / Flickr style) merge into the first one's
+    group, their captions appended per name; a row that disagrees on image or label becomes a
+    ``duplicate_key`` RawSample naming both lines.
+    """
+    entries: list[_Group | RawSample] = []
+    groups: dict[str, _Group] = {}
+    n_rows = 0
+    for n, row, error in rows:
+        n_rows += 1
         if row is None:
-            yield RawSample(src.name, where, make_key(src.name, f"line-{n}"), error=(R.BAD_METADATA, error))
+            entries.append(RawSample(src.name, f"{src.path}:{n}", make_key(src.name, f"line-{n}"),
+                                     error=error, line=n))
             continue
-        image = row.get(src.image_column)
-        raw_id = str(row.get(src.key_column) or "") if src.key_column else ""
-        if not raw_id and isinstance(image, str):
-            raw_id = os.path.splitext(image)[0]
-        key = make_key(src.name, raw_id or f"line-{n}")
-        sample = RawSample(src.name, str(image) if image else where, key)
-        sample.captions = {name: row.get(column) for name, column in src.caption_columns.items()}
-        if src.label_column and row.get(src.label_column) not in (None, ""):
-            sample.label = str(row[src.label_column])
-        if not isinstance(image, str) or not image:
-            sample.error = (R.MISSING_IMAGE, f"{where}: no value in column {src.image_column!r}")
+        group = _row_group(src, n, row)
+        first = groups.setdefault(group.key, group)
+        if first is group:
+            entries.append(group)
+        elif detail := _conflict(first, group, src):
+            entries.append(RawSample(src.name, f"{src.path}:{n}", group.key, error=(R.DUPLICATE_KEY, detail), line=n))
         else:
-            try:
-                sample.image = _read_bytes(_image_path(src, image), endpoint_url)
-            except (OSError, ValueError) as err:
-                sample.error = (R.MISSING_IMAGE, f"cannot read {image}: {type(err).__name__}: {err}")
-        yield sample
+            first.rows += 1
+            first.label = first.label or group.label
+            for name, values in group.captions.items():
+                first.add(name, values)
+    merged = sum(g.rows - 1 for g in groups.values())
+    log.info("source %r: %d row(s) of %s -> %d sample(s) (%d row(s) merged into the sample of their key)",
+             src.name, n_rows, src.path, len(groups), merged)
+    return entries
+
+
+def _group_sample(src: ManifestSource, group: _Group, endpoint_url: str) -> RawSample:
+    where = f"{src.path}:{group.line}"
+    image = group.image
+    sample = RawSample(src.name, str(image) if image else where, group.key, label=group.label,
+                       line=group.line, optional=frozenset(src.optional_captions))
+    sample.captions = {name: group.captions.get(name, []) for name in src.caption_columns}
+    if not isinstance(image, str) or not image:
+        sample.error = (R.MISSING_IMAGE, f"{where}: no value in column {src.image_column!r}")
+        return sample
+    try:
+        sample.image = _read_bytes(_image_path(src, image), endpoint_url)
+    except (OSError, ValueError) as err:
+        sample.error = (R.MISSING_IMAGE, f"{where}: cannot read {image}: {type(err).__name__}: {err}")
+    return sample
+
+
+def iter_manifest(src: ManifestSource, endpoint_url: str = "") -> Iterator[RawSample]:
+    """Samples of a CSV/JSONL manifest plus an image folder (local or ``s3://``).
+
+    Rows of one key are one sample (see :func:`merge_rows`); every sample and rejection carries
+    the manifest line it starts on.
+
+    Raises:
+        StageError: see :func:`_manifest_rows`.
+    """
+    for entry in merge_rows(src, _manifest_rows(src, endpoint_url)):
+        yield entry if isinstance(entry, RawSample) else _group_sample(src, entry, endpoint_url)

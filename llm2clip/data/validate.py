@@ -176,34 +176,67 @@ def _raw_values(value: Any) -> list[Any]:
     return [value]
 
 
+# A raw caption longer than _PREFIX_FACTOR * max_caption_chars + 1024 characters is cleaned from
+# a prefix first (a 100 MB CSV field must not cost a full NFKC pass when only
+# ``max_caption_chars`` of it are kept).
+_PREFIX_FACTOR = 8
+
+
+def _clean_one(value: str, cfg: ValidationConfig) -> str:
+    """``clean_text`` of one caption, looking only at a long enough prefix of a giant one."""
+    limit = cfg.max_caption_chars
+    if len(value) > _PREFIX_FACTOR * limit + 1024:
+        head = clean_text(value[: _PREFIX_FACTOR * limit + 1024])
+        if len(head) > limit + 64:  # cut_at_word reads only text[: limit + 1]: same result
+            return head
+    return clean_text(value)
+
+
+def _clean_field(values: list[Any], cfg: ValidationConfig, stats: Counter) -> list[str]:
+    """The usable, cleaned, exactly-deduplicated captions of one field, in order."""
+    kept: list[str] = []
+    for value in values:
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        if not isinstance(value, str):
+            stats["captions_dropped"] += 1
+            continue
+        text = _clean_one(value, cfg)
+        if len(text) > cfg.max_caption_chars:
+            text = cut_at_word(text, cfg.max_caption_chars)
+            stats["captions_truncated"] += 1
+        if len(text) < cfg.min_caption_chars:
+            stats["captions_dropped"] += 1
+            continue
+        if text not in kept:
+            kept.append(text)
+    return kept
+
+
 def clean_captions(
-    raw: dict[str, Any], fields: tuple[str, ...], cfg: ValidationConfig, stats: Counter
+    raw: dict[str, Any], fields: tuple[str, ...], cfg: ValidationConfig, stats: Counter,
+    optional: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, list[str]]:
     """Clean every caption of every field; count dropped and truncated ones in ``stats``.
 
+    A field in ``optional`` may end with no caption (an empty list, counted in
+    ``stats["optional_captions_missing"]``); each such field lowers ``cfg.min_captions`` by one
+    for this sample (never below 1), so a sample with all its required captions is judged on
+    those alone.
+
     Raises:
-        SampleRejected: a field has no usable caption, or fewer than ``min_captions`` in total.
+        SampleRejected: a required field has no usable caption, or fewer than the (lowered)
+            ``min_captions`` in total.
     """
     out: dict[str, list[str]] = {}
+    missing_optional: list[str] = []
     for name in fields:
         values = _raw_values(raw.get(name))
-        kept: list[str] = []
-        for value in values:
-            if isinstance(value, bytes):
-                value = value.decode("utf-8", errors="replace")
-            if not isinstance(value, str):
-                stats["captions_dropped"] += 1
-                continue
-            text = clean_text(value)
-            if len(text) > cfg.max_caption_chars:
-                text = cut_at_word(text, cfg.max_caption_chars)
-                stats["captions_truncated"] += 1
-            if len(text) < cfg.min_caption_chars:
-                stats["captions_dropped"] += 1
-                continue
-            if text not in kept:
-                kept.append(text)
-        if not kept:
+        kept = _clean_field(values, cfg, stats)
+        if not kept and name in optional:
+            missing_optional.append(name)
+            stats["optional_captions_missing"] += 1
+        elif not kept:
             raise SampleRejected(
                 R.MISSING_CAPTION,
                 f"no usable {name!r} caption ({len(values)} raw value(s); empty, not text or "
@@ -211,9 +244,12 @@ def clean_captions(
             )
         out[name] = kept
     total = sum(len(v) for v in out.values())
-    if total < cfg.min_captions:
+    needed = max(1, cfg.min_captions - len(missing_optional))
+    if total < needed:
+        excused = f" (lowered from {cfg.min_captions}: optional {missing_optional} missing)"
         raise SampleRejected(
-            R.TOO_FEW_CAPTIONS, f"{total} caption(s) in all fields, min_captions is {cfg.min_captions}"
+            R.TOO_FEW_CAPTIONS,
+            f"{total} caption(s) in all fields, min_captions is {needed}{excused if missing_optional else ''}",
         )
     return out
 
@@ -240,7 +276,7 @@ def validate_sample(
     """
     if raw.error is not None:
         raise SampleRejected(*raw.error)
-    captions = clean_captions(raw.captions, fields, cfg, stats)
+    captions = clean_captions(raw.captions, fields, cfg, stats, raw.optional)
     rgb, (orig_w, orig_h), pixel_hash = normalise_image(raw.image, cfg, max_side)
     jpg = encode_jpeg(rgb, jpeg_quality)
     caption_hash = hashlib.blake2b(

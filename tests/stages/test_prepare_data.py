@@ -3,6 +3,7 @@ S3 in and out, the stage gate, and the CLI with MLflow tracking."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -380,3 +381,117 @@ def test_cli_with_mlflow_tracking_and_webdataset_reader(tmp_path, sqlite_trackin
     assert len(rows) == manifest["counts"]["train"]
     image, meta, key = rows[0]
     assert image.mode == "RGB" and meta["key"] == key and len(meta["captions"]["dense"]) == 1
+
+
+# ------------------------------------------------ issue 11: the layouts public data sets use
+
+ONE_FIELD = CommonConfig(tracking=False, seed=0, caption_fields=("short",))
+
+
+def shard_captions(out: Path) -> dict[str, list[str]]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {s.key: s.captions["short"] for split in ("train", "val") for s in iter_samples(str(out), split,
+                                                                                         manifest=manifest)}
+
+
+def coco_like(folder: Path, images: int = 6, per_image: int = 5) -> list[tuple[str, str]]:
+    """``(image, caption)`` rows, ``per_image`` per image, interleaved like a shuffled export."""
+    for i in range(images):
+        (folder / f"{i:012d}.jpg").write_bytes(encode(noise(100 + i), "JPEG"))
+    return [(f"{i:012d}.jpg", f"caption {c} of picture {i}") for c in range(per_image) for i in range(images)]
+
+
+def test_coco_csv_one_row_per_caption_loses_no_row(tmp_path):
+    rows = coco_like(tmp_path)
+    with open(tmp_path / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption"), *rows])
+    src = ManifestSource(name="coco", path=str(tmp_path / "captions.csv"), caption_columns={"short": "caption"})
+    result = prepare_data.run(small(src), ONE_FIELD, data=str(tmp_path / "data"))
+    assert (result.seen, result.quarantined, result.train + result.val) == (6, 0, 6)
+    captions = shard_captions(tmp_path / "data")
+    assert all(len(c) == 5 for c in captions.values())
+    assert sorted(c for cs in captions.values() for c in cs) == sorted(c for _, c in rows)  # zero rows lost
+    assert captions["coco-000000000003"] == [f"caption {c} of picture 3" for c in range(5)]  # file order
+
+
+@pytest.mark.parametrize("layout", ["list", "rows"])
+def test_flickr_jsonl_gives_five_captions_per_image(tmp_path, layout):
+    rows = coco_like(tmp_path, images=5)
+    if layout == "list":
+        by_image: dict[str, list[str]] = {}
+        for image, caption in rows:
+            by_image.setdefault(image, []).append(caption)
+        lines = [json.dumps({"image": i, "sentences": c}) for i, c in by_image.items()]
+    else:
+        lines = [json.dumps({"image": i, "sentences": c}) for i, c in rows]
+    (tmp_path / "flickr.jsonl").write_text("\n".join(lines) + "\n")
+    src = ManifestSource(name="flickr", path=str(tmp_path / "flickr.jsonl"), caption_columns={"short": "sentences"})
+    result = prepare_data.run(small(src), ONE_FIELD, data=str(tmp_path / "data"))
+    assert (result.seen, result.quarantined, result.train + result.val) == (5, 0, 5)
+    captions = shard_captions(tmp_path / "data")
+    assert all(len(c) == 5 for c in captions.values())
+    assert sorted(c for cs in captions.values() for c in cs) == sorted(c for _, c in rows)
+
+
+def test_quarantine_records_name_the_manifest_line_and_why_rows_could_not_merge(tmp_path):
+    rows = coco_like(tmp_path, images=4, per_image=2)
+    lines = ["image,caption,cls", *(f"{i},{c},thing" for i, c in rows)]
+    lines += [f"{rows[0][0]},a clash,other", "gone.jpg,x y z,"]  # lines 10 and 11
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    src = ManifestSource(name="m", path=str(tmp_path / "m.csv"), caption_columns={"short": "caption"},
+                         label_column="cls")
+    prepare_data.run(small(src), ONE_FIELD, data=str(tmp_path / "data"))
+    quarantine = [json.loads(q) for q in (tmp_path / "data" / "quarantine.jsonl").read_text().splitlines()]
+    by_line = {q["line"]: q for q in quarantine}
+    assert sorted(by_line) == [10, 11]
+    assert by_line[10]["reason"] == "duplicate_key" and "line 2" in by_line[10]["detail"]
+    assert "'other'" in by_line[10]["detail"] and "agree on image and label" in by_line[10]["detail"]
+    assert by_line[11]["reason"] == "missing_image"
+
+
+def test_a_missing_manifest_is_a_clear_error_before_the_output_is_touched(tmp_path):
+    out = tmp_path / "data"
+    prepare_data.run(small(SCENES), COMMON, data=str(out))
+    before = shard_sums(out)
+    src = ManifestSource(name="m", path=str(tmp_path / "typo" / "captions.csv"),
+                         caption_columns={"short": "caption", "dense": "caption"})
+    with pytest.raises(StageError, match=r"sources\[0\] \(m\): manifest \S*typo/captions\.csv does not exist"):
+        prepare_data.run(small(src), COMMON, data=str(out))
+    assert shard_sums(out) == before
+
+
+def test_a_caption_longer_than_the_csv_field_limit_is_truncated_not_a_crash(tmp_path):
+    rows = coco_like(tmp_path, images=3, per_image=2)
+    rows[0] = (rows[0][0], "very long " * 20_000)  # 200 000 characters > csv's 131 072
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption"), *rows])
+    src = ManifestSource(name="m", path=str(tmp_path / "m.csv"), caption_columns={"short": "caption"})
+    result = prepare_data.run(small(src), ONE_FIELD, data=str(tmp_path / "data"))
+    assert (result.seen, result.quarantined) == (3, 0)
+    counts = json.loads((tmp_path / "data" / "manifest.json").read_text())["counts"]
+    assert counts["captions_truncated"] == 1
+    assert max(len(c) for cs in shard_captions(tmp_path / "data").values() for c in cs) <= 2000
+
+
+def test_a_latin1_csv_prepares_without_mojibake_and_says_so(tmp_path, caplog):
+    rows = coco_like(tmp_path, images=4, per_image=1)
+    rows = [(i, f"{c}: café crème, naïve façade") for i, c in rows]
+    text = "image,caption\n" + "".join(f'{i},"{c}"\n' for i, c in rows)
+    (tmp_path / "m.csv").write_bytes(text.encode("latin-1"))
+    src = ManifestSource(name="m", path=str(tmp_path / "m.csv"), caption_columns={"short": "caption"})
+    cfg = small(src, validation=ValidationConfig(min_captions=1))
+    prepare_data.run(cfg, ONE_FIELD, data=str(tmp_path / "data"))
+    captions = [c for cs in shard_captions(tmp_path / "data").values() for c in cs]
+    assert sorted(captions) == sorted(c for _, c in rows) and not any("\ufffd" in c for c in captions)
+    assert any("not UTF-8" in r.getMessage() and "16 non-ASCII" in r.getMessage() for r in caplog.records)
+
+
+def test_an_optional_dense_column_empty_in_most_rows_keeps_every_sample(tmp_path):
+    rows = coco_like(tmp_path, images=6, per_image=1)
+    lines = ["image,caption,long"] + [f"{i},{c},{'a long description ' + c if n % 3 == 0 else ''}"
+                                      for n, (i, c) in enumerate(rows)]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    src = ManifestSource(name="m", path=str(tmp_path / "m.csv"), caption_columns={"short": "caption", "dense": "long"},
+                         optional_captions=("dense",))
+    result = prepare_data.run(small(src), COMMON, data=str(tmp_path / "data"))
+    assert (result.seen, result.quarantined, result.train + result.val) == (6, 0, 6)

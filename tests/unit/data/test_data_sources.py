@@ -111,7 +111,7 @@ def test_csv_manifest_with_key_label_and_a_missing_image(tmp_path):
     a, b, gone = iter_manifest(src)
     assert (a.key, a.captions, a.label) == (
         "manifest-1",
-        {"short": "a cat", "dense": "a small grey cat"},
+        {"short": ["a cat"], "dense": ["a small grey cat"]},
         "cat",
     )
     assert Image.open(io.BytesIO(a.image)).size == (96, 80)
@@ -136,7 +136,7 @@ def test_jsonl_manifest_with_list_captions_and_a_broken_line(tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
     src = ManifestSource(path=str(tmp_path / "m.jsonl"), caption_columns={"short": "short", "dense": "dense"})
     good, broken, not_object = iter_manifest(src)
-    assert good.captions == {"short": ["one", "two"], "dense": "long text"} and good.key == "manifest-a"
+    assert good.captions == {"short": ["one", "two"], "dense": ["long text"]} and good.key == "manifest-a"
     assert broken.error[0] == not_object.error[0] == R.BAD_METADATA
 
 
