@@ -131,7 +131,7 @@ def read_shard_records(url: str, expected_sha256: str | None = None, endpoint_ur
         digest = reader.drain()
     if expected_sha256 and digest != expected_sha256:
         raise StageError(f"{url}: sha256 differs from the data manifest; the data directory was "
-                         "changed after prepare_data, re-run it")
+                         "changed after prepare_data: re-run `dvc repro prepare_data` (KFP: the prepare_data task)")
     return records
 
 

@@ -21,6 +21,7 @@ from llm2clip.data.sidecars import iter_lockstep
 from llm2clip.eval.retrieval import clip_metrics, multi_caption_metrics, recall_curve
 from llm2clip.eval.zeroshot import class_embeddings, zeroshot_metrics
 from llm2clip.io import StageError, is_remote, read_manifest, s3_filesystem
+from llm2clip.lineage import rerun
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,23 @@ class EmbeddedSet:
     classnames: list[str] = field(default_factory=list)
 
 
+def _check_width(array: np.ndarray, model: Any, where: str) -> None:
+    """Refuse caption embeddings the model's adapter cannot take (instead of a shape error deep in torch)."""
+    want = getattr(model, "llm_dim", None)
+    if want is not None and (array.ndim == 0 or array.shape[-1] != want):
+        raise StageError(f"{where}: caption embeddings of shape {tuple(array.shape)}, but the model takes "
+                         f"{want}-wide ones: they were made with another caption encoder than the model was "
+                         f"trained on; {rerun('embed_captions')} with the model's caption encoder")
+
+
 def embed_set(model: Any, data: str, embeddings: str, split: str, *, batch_size: int = 64,
               endpoint_url: str = "") -> EmbeddedSet:
-    """Embed one split of a prepared eval set with ``model`` (an ``LLM2CLIPModel``)."""
+    """Embed one split of a prepared eval set with ``model`` (an ``LLM2CLIPModel``).
+
+    Raises:
+        StageError: an empty split, keys that differ from the image shards, or caption
+            embeddings of another width than the model's ``llm_dim``.
+    """
     images: list[Any] = []
     image_rows: list[torch.Tensor] = []
     raw: dict[str, list[np.ndarray]] = {}
@@ -70,6 +85,7 @@ def embed_set(model: Any, data: str, embeddings: str, split: str, *, batch_size:
         images.append(sample.image)
         labels.append(sample.label)
         for name, array in arrays.items():
+            _check_width(array, model, f"{embeddings} ({split} sample {sample.key}, field {name})")
             raw.setdefault(name, []).append(np.asarray(array, dtype=np.float32))
             owners.setdefault(name, []).extend([index] * len(array))
         if len(images) == batch_size:
@@ -103,6 +119,7 @@ def _attach_zeroshot(out: EmbeddedSet, model: Any, embeddings: str, split: str,
     else:
         meta = json.loads(open(f"{base}/{entry['meta']}").read())
         prompts = np.load(f"{base}/{entry['file']}", allow_pickle=False)
+    _check_width(prompts, model, f"{base}/{entry['file']}")
     classes, templates, dim = prompts.shape
     adapted = model.encode_text_embeddings(torch.from_numpy(prompts.astype(np.float32)).reshape(-1, dim))
     out.class_emb = class_embeddings(adapted.reshape(classes, templates, -1))

@@ -22,6 +22,7 @@ from llm2clip.data import sidecars
 from llm2clip.data.shards import load_manifest
 from llm2clip.eval.zeroshot import DEFAULT_TEMPLATES, build_prompts
 from llm2clip.io import atomic_write_json, dir_fingerprint, output_dir
+from llm2clip.lineage import check_caption_encoder_dir
 from llm2clip.text import embed
 from llm2clip.text.loading import resolve_model
 from llm2clip.tracking import stage_run
@@ -128,14 +129,16 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
     """Embed every caption of ``data`` with ``caption_encoder`` into sidecars in ``embeddings``.
 
     Raises:
-        StageError: data not prepared / changed since its manifest, vectors overflow ``dtype``,
-            or a worker dies.
+        StageError: data not prepared / changed since its manifest, a caption_encoder that is
+            another stage's output or lacks its settings file, vectors overflow ``dtype``, or a
+            worker dies.
     """
     from tqdm.auto import tqdm
 
     endpoint = common.s3_endpoint_url
     manifest = load_manifest(data, endpoint, common.caption_fields)
     source = resolve_model(caption_encoder, cfg.model_cache_dir)
+    check_caption_encoder_dir(caption_encoder, source)
     fingerprint = embed.encoder_fingerprint(source)
     # what a finished sidecar must have been made with to be kept by a rerun
     identity = {"format_version": sidecars.FORMAT_VERSION, "fingerprint": fingerprint, "dtype": cfg.dtype,

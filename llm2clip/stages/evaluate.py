@@ -2,7 +2,9 @@
 
 Writes into the ``report`` directory: ``metrics.json`` (flat, DVC metrics), ``plots/`` (recall@k
 curves as CSV for DVC plots, and PNG), ``report.md`` + ``report.html``, and ``manifest.json``
-(primary metric, gate decision, protocol, input fingerprints) last.
+(primary metric, gate decision, protocol, input fingerprints, the caption encoder of the scored
+embeddings) last. Before anything is scored, every eval set's embeddings must belong to its data
+and be of the caption encoder and width the model was trained on (:mod:`llm2clip.lineage`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llm2clip import tracking
+from llm2clip import lineage, tracking
 from llm2clip.config import CommonConfig, EvaluateConfig, config_hash
 from llm2clip.eval.harness import PROTOCOL, embed_set, set_metrics
 from llm2clip.eval.report import ReportSection, write_metrics_json, write_recall_plots, write_report
@@ -43,6 +45,34 @@ def _evaluate(model: Any, cfg: EvaluateConfig, data: str, embeddings: str, endpo
     return metrics, curves
 
 
+def _load_model(path: str, what: str) -> Any:
+    """``LLM2CLIPModel.from_pretrained(path)``; a directory that is no model is a StageError."""
+    from llm2clip.vision.model import LLM2CLIPModel
+
+    try:
+        return LLM2CLIPModel.from_pretrained(path)
+    except ValueError as err:
+        raise StageError(f"{what} {path}: {err}; {lineage.rerun('train_vision')}") from err
+
+
+def _check_inputs(cfg: EvaluateConfig, data: str, embeddings: str, vision_model: str, endpoint: str):
+    """Load the model (and baseline); refuse eval sets whose embeddings it cannot score.
+
+    Returns:
+        ``(model, baseline or None, fingerprint of the caption encoder that made the embeddings)``.
+    """
+    sets = [(s.name, s.data or data, s.embeddings or embeddings) for s in cfg.eval_sets]
+    model = _load_model(vision_model, "vision_model")
+    trained = lineage.ModelLineage(str(vision_model), model.llm_dim, model.caption_encoder_fingerprint)
+    encoder = lineage.check_eval_sets(trained, sets, endpoint)
+    baseline = None
+    if cfg.baseline_model:
+        baseline = _load_model(cfg.baseline_model, "evaluate.baseline_model")
+        lineage.check_eval_sets(lineage.ModelLineage(cfg.baseline_model, baseline.llm_dim,
+                                                     baseline.caption_encoder_fingerprint), sets, endpoint)
+    return model, baseline, encoder
+
+
 def _champion_metrics(cfg: EvaluateConfig, common: CommonConfig) -> dict[str, float]:
     if not (cfg.compare_champion and common.tracking):
         return {}
@@ -53,20 +83,25 @@ def _champion_metrics(cfg: EvaluateConfig, common: CommonConfig) -> dict[str, fl
 
 def run(cfg: EvaluateConfig, common: CommonConfig, *, data: str, embeddings: str, vision_model: str,
         report: str, pipeline_run_id: str = "") -> EvaluateResult:
-    """Evaluate ``vision_model`` on every eval set; write metrics, plots, report and the gate."""
-    from llm2clip.vision.model import LLM2CLIPModel
+    """Evaluate ``vision_model`` on every eval set; write metrics, plots, report and the gate.
 
+    Raises:
+        StageError: an unfinished input, embeddings that do not belong to the data, or embeddings
+            of another caption encoder or width than the model was trained on (naming the stage
+            to re-run); a primary metric that was not computed.
+    """
     inputs = {"data": data, "embeddings": embeddings, "vision_model": vision_model}
     endpoint = common.s3_endpoint_url
+    fingerprints = {k: dir_fingerprint(v, endpoint) for k, v in inputs.items()}
+    model, baseline, encoder = _check_inputs(cfg, data, embeddings, vision_model, endpoint)
     with tracking.stage_run("evaluate", cfg, common, inputs=inputs,
                             pipeline_run_id=pipeline_run_id) as tracker, output_dir(report, endpoint) as out:
-        metrics, curves = _evaluate(LLM2CLIPModel.from_pretrained(vision_model), cfg, data, embeddings, endpoint)
+        metrics, curves = _evaluate(model, cfg, data, embeddings, endpoint)
         if cfg.primary_metric not in metrics:
             raise StageError(f"evaluate.primary_metric {cfg.primary_metric!r} is not among the "
                              f"metrics: {sorted(metrics)}")
         comparisons = {"champion": _champion_metrics(cfg, common)}
-        if cfg.baseline_model:
-            baseline = LLM2CLIPModel.from_pretrained(cfg.baseline_model)
+        if baseline is not None:
             comparisons["baseline"] = _evaluate(baseline, cfg, data, embeddings, endpoint)[0]
         primary = metrics[cfg.primary_metric]
         gate = primary >= cfg.min_primary
@@ -80,10 +115,10 @@ def run(cfg: EvaluateConfig, common: CommonConfig, *, data: str, embeddings: str
             refs = {ref: {k.removeprefix(f"{name}."): v for k, v in values.items()
                           if k.startswith(f"{name}.")} for ref, values in comparisons.items() if values}
             sections.append(ReportSection(name, metrics=mine, comparisons=refs, plot=plots["png"]))
-        fingerprints = {k: dir_fingerprint(v, endpoint) for k, v in inputs.items()}
         meta = {"primary metric": f"{cfg.primary_metric} = {primary:.4f}",
                 "quality gate": f"{'passed' if gate else 'FAILED'} (min {cfg.min_primary})",
-                "protocol": PROTOCOL, **{f"{k} sha256": v[:16] for k, v in fingerprints.items()}}
+                "protocol": PROTOCOL, "caption encoder": encoder[:16],
+                **{f"{k} sha256": v[:16] for k, v in fingerprints.items()}}
         write_report(out / "report.md", out / "report.html", sections, meta=meta)
         atomic_write_json(out / "manifest.json", {
             "stage": "evaluate", "format_version": 1, "config_hash": config_hash(common, cfg),
@@ -91,6 +126,7 @@ def run(cfg: EvaluateConfig, common: CommonConfig, *, data: str, embeddings: str
             "gate_passed": gate, "protocol": PROTOCOL, "inputs": fingerprints,
             "eval_sets": [s.name for s in cfg.eval_sets], "metrics": "metrics.json",
             "champion": comparisons["champion"] or None,
+            "caption_encoder": {"fingerprint": encoder, "embedding_dim": model.llm_dim},
         })
         tracker.log_metrics(metrics)
         tracker.log_artifact(out / "report.html", "report")

@@ -1,6 +1,8 @@
 """register: the evaluated model into the MLflow registry, with lineage tags and the alias gate.
 
-Refuses without evaluation metrics, and (``require_gate``) when evaluate's quality gate failed.
+Refuses without evaluation metrics, a report of another model, a caption encoder other than the
+one the model was trained with (:mod:`llm2clip.lineage`), and (``require_gate``) when evaluate's
+quality gate failed.
 Every new version gets ``challenger``; ``champion`` moves only past ``promote_margin``. A rerun on
 the same inputs returns the existing version. Writes ``registration/registration.json`` and
 ``manifest.json`` (model URI, version, aliases, decision).
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm2clip import tracking
+from llm2clip import lineage, tracking
 from llm2clip.config import CommonConfig, RegisterConfig, config_hash
 from llm2clip.io import StageError, atomic_write_json, is_remote, output_dir, read_manifest, s3_filesystem
 
@@ -46,13 +48,21 @@ def _read_json(directory: str, name: str, endpoint: str) -> dict[str, Any]:
 
 def run(cfg: RegisterConfig, common: CommonConfig, *, vision_model: str, caption_encoder: str, report: str,
         registration: str, pipeline_run_id: str = "") -> RegisterResult:
-    """Register ``vision_model`` (and its ``caption_encoder``) using the metrics in ``report``."""
+    """Register ``vision_model`` (and its ``caption_encoder``) using the metrics in ``report``.
+
+    Raises:
+        StageError: tracking off, no evaluation, a report of another model, a caption encoder
+            other than the model's (each naming the stage to re-run), or a failed quality gate.
+    """
     from llm2clip.registry import register_model
 
     if not common.tracking:
         raise StageError("register needs MLflow: set common.tracking: true (and a tracking URI)")
     endpoint = common.s3_endpoint_url
     evaluation = read_manifest(report, endpoint)
+    lineage.check_report_for_model(report, evaluation, vision_model, endpoint)
+    lineage.check_encoder_for_model(caption_encoder, lineage.read_model_lineage(vision_model, endpoint),
+                                    report, evaluation)
     metrics = _read_json(report, evaluation.get("metrics", "metrics.json"), endpoint)
     if cfg.require_gate and not evaluation.get("gate_passed", False):
         raise StageError(

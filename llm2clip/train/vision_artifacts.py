@@ -17,6 +17,7 @@ from llm2clip.data import sidecars
 from llm2clip.data.shards import load_manifest
 from llm2clip.eval.retrieval import clip_metrics
 from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, is_remote, s3_filesystem, sha256_file
+from llm2clip.lineage import check_made_from
 from llm2clip.train import checkpoint, vision_data
 from llm2clip.train.distributed import DistContext
 from llm2clip.train.engine import effective_zero_stage
@@ -64,20 +65,23 @@ def check_inputs(cfg: TrainVisionConfig, common: CommonConfig, data: str, embedd
     """Refuse inputs that are unfinished or do not belong together; resolve dim and caption mix.
 
     The manifest-level alignment (every image shard has a sidecar made from exactly that shard)
-    is always checked; per-sample keys are checked while reading. ``verify`` and
-    ``cfg.verify_sidecar_files`` add a full sha256 pass over the sidecars.
+    is always checked, and that the embeddings were made from this data's manifest
+    (:func:`llm2clip.lineage.check_made_from`); per-sample keys are checked while reading.
+    ``verify`` and ``cfg.verify_sidecar_files`` add a full sha256 pass over the sidecars.
     """
     endpoint = common.s3_endpoint_url
     manifest = load_manifest(data, endpoint)
     emb = sidecars.verify_sidecars(data, embeddings, endpoint_url=endpoint, check_keys=False,
                                    check_files=verify and cfg.verify_sidecar_files)
+    data_sha256 = dir_fingerprint(data, endpoint)
+    check_made_from(data, embeddings, emb, data_sha256, consumer=STAGE)
     fields, weights = vision_data.resolve_caption_mix(cfg.caption_mix, common.caption_fields,
                                                       emb["caption_fields"])
     counts = {split: sum(s["count"] for s in shards) for split, shards in manifest["shards"].items()}
     if not counts.get("train"):
         raise StageError(f"{data} has no train samples; re-run prepare_data")
     dim = emb.get("dim") or _probe_dim(data, embeddings, endpoint)
-    return Inputs(data, embeddings, manifest, emb, dir_fingerprint(data, endpoint),
+    return Inputs(data, embeddings, manifest, emb, data_sha256,
                   dir_fingerprint(embeddings, endpoint), int(dim), fields, weights, counts["train"],
                   counts.get("val", 0))
 
