@@ -43,7 +43,9 @@ class EmbeddedSet:
         text_emb: caption field -> (M_f, D) every caption of that field.
         text_to_image: caption field -> (M_f,) index of each caption's image.
         first_caption: caption field -> (N,) row in ``text_emb[field]`` of each image's first
-            caption of that field.
+            caption of that field (meaningless where the image has none: see ``captioned``).
+        captioned: caption field -> (N,) bool, the images with at least one caption of that
+            field (an optional field may be missing); a field's metrics use only those images.
         labels: (N,) class label strings (None where a sample has none).
         class_emb: (C, D) zero-shot class embeddings, when the set has prompt embeddings.
         classnames: the C class names.
@@ -53,6 +55,7 @@ class EmbeddedSet:
     text_emb: dict[str, torch.Tensor] = field(default_factory=dict)
     text_to_image: dict[str, torch.Tensor] = field(default_factory=dict)
     first_caption: dict[str, torch.Tensor] = field(default_factory=dict)
+    captioned: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: list[str | None] = field(default_factory=list)
     class_emb: torch.Tensor | None = None
     classnames: list[str] = field(default_factory=list)
@@ -101,6 +104,7 @@ def embed_set(model: Any, data: str, embeddings: str, split: str, *, batch_size:
         out.text_emb[name] = model.encode_text_embeddings(torch.from_numpy(np.concatenate(arrays)))
         out.text_to_image[name] = torch.tensor(owners[name])
         out.first_caption[name] = torch.cumsum(counts, 0) - counts
+        out.captioned[name] = counts > 0
     _attach_zeroshot(out, model, embeddings, split, endpoint_url)
     return out
 
@@ -126,6 +130,23 @@ def _attach_zeroshot(out: EmbeddedSet, model: Any, embeddings: str, split: str,
     out.classnames = list(meta["classnames"])
 
 
+def _field_view(embedded: EmbeddedSet, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(images, first captions, caption owners)`` of one field, over the images that have it.
+
+    An image without a caption of an optional field has no first caption: pairing it with the
+    next image's would score wrong pairs, so such images leave that field's metrics.
+    """
+    text_to_image = embedded.text_to_image[name]
+    captioned = embedded.captioned.get(name)
+    if captioned is None or bool(captioned.all()):
+        return embedded.image_emb, embedded.text_emb[name][embedded.first_caption[name]], text_to_image
+    log.warning("caption field %s: %d of %d images have none; its metrics use the other %d", name,
+                int((~captioned).sum()), len(captioned), int(captioned.sum()))
+    renumber = torch.cumsum(captioned.long(), 0) - 1  # old image index -> index among captioned ones
+    first = embedded.text_emb[name][embedded.first_caption[name][captioned]]
+    return embedded.image_emb[captioned], first, renumber[text_to_image]
+
+
 def set_metrics(embedded: EmbeddedSet, prefix: str, *, max_k: int = 10) -> tuple[dict, dict]:
     """All metrics of one embedded set, flat ``<prefix>.<field>.<metric>``; plus recall curves.
 
@@ -137,12 +158,15 @@ def set_metrics(embedded: EmbeddedSet, prefix: str, *, max_k: int = 10) -> tuple
     r1: list[float] = []
     image_emb = embedded.image_emb
     for name, text_emb in embedded.text_emb.items():
-        first = text_emb[embedded.first_caption[name]]
-        one_to_one = clip_metrics(image_emb, first)
-        multi = multi_caption_metrics(image_emb, text_emb, embedded.text_to_image[name])
+        if name in embedded.captioned and not bool(embedded.captioned[name].any()):
+            log.warning("caption field %s: no image of %s has one; no metrics for it", name, prefix)
+            continue
+        images, first, owners = _field_view(embedded, name)
+        one_to_one = clip_metrics(images, first)
+        multi = multi_caption_metrics(images, text_emb, owners)
         metrics.update({f"{prefix}.{name}.{k}": v for k, v in {**one_to_one, **multi}.items()})
         r1 += [one_to_one["image_to_text_R_at_1"], one_to_one["text_to_image_R_at_1"]]
-        for direction, values in recall_curve(image_emb, first, max_k=max_k).items():
+        for direction, values in recall_curve(images, first, max_k=max_k).items():
             curves[f"{name}/{direction}"] = values
     metrics[f"{prefix}.mean_R_at_1"] = float(np.mean(r1))
     metrics[f"{prefix}.images"] = float(len(image_emb))
