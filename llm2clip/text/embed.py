@@ -69,9 +69,14 @@ def encoder_fingerprint(resolved: str | os.PathLike) -> str:
 
 
 def encoder_settings(resolved: str | os.PathLike) -> EncoderSettings:
-    """The settings an encoder dir embeds with: its settings file, else the defaults."""
+    """The settings an encoder dir embeds with: its settings file, else the defaults.
+
+    ``max_length`` is the effective one (the model's own limit when the settings leave it open),
+    so the fingerprint and the manifest say how many tokens a caption really gets.
+    """
     saved = Path(resolved) / SETTINGS_FILE
-    return EncoderSettings.from_dict(json.loads(saved.read_text())) if saved.is_file() else EncoderSettings()
+    settings = EncoderSettings.from_dict(json.loads(saved.read_text())) if saved.is_file() else EncoderSettings()
+    return settings.with_model_limit(resolved)
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int,

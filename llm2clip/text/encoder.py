@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm2clip.io import atomic_write_json
-from llm2clip.text.loading import load_model, load_tokenizer, resolve_model
+from llm2clip.text.loading import load_model, load_tokenizer, model_max_length, resolve_model
 from llm2clip.text.packed import PackedDecoder
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ class EncoderSettings:
         instruction: Default instruction for :meth:`CaptionEncoder.encode` (usually empty).
         query_instruction: The instruction training queries had; pass it to ``encode`` to embed
             retrieval queries the way they were trained.
-        max_length: Token budget per caption, template included (longer ones are cut).
+        max_length: Token budget per caption, template included (longer ones are cut). None:
+            the model's own limit (:func:`llm2clip.text.loading.model_max_length`: e.g. the
+            sentence-transformers ``max_seq_length``), resolved when the encoder is built.
         padding_side: ``left`` or ``right``.
         attn_implementation: ``sdpa`` or ``eager`` (flash works the same way, untested here).
         base_model: The model spec this encoder came from (provenance only).
@@ -62,7 +64,7 @@ class EncoderSettings:
     prompt_template: str = "{text}"
     instruction: str = ""
     query_instruction: str = ""
-    max_length: int = 512
+    max_length: int | None = None
     padding_side: Literal["left", "right"] = "left"
     attn_implementation: str = "sdpa"
     base_model: str = ""
@@ -72,6 +74,26 @@ class EncoderSettings:
             raise ValueError("prompt_template must contain '{text}' exactly once")
         if self.pooling not in ("mean", "eos") or self.padding_side not in ("left", "right"):
             raise ValueError(f"bad pooling {self.pooling!r} or padding_side {self.padding_side!r}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or None (the model's own limit), got {self.max_length}")
+
+    def with_model_limit(self, source: str | os.PathLike | None, config: Any = None,
+                         tokenizer: Any = None) -> EncoderSettings:
+        """These settings with ``max_length`` resolved: the user's value, else the model's limit.
+
+        A user's value above the model's position limit is kept, with a warning.
+
+        Args:
+            source: The resolved local model dir (or None), read by ``model_max_length``.
+            config: The loaded model config, if any.
+            tokenizer: The loaded tokenizer, if any.
+        """
+        if self.max_length is None:
+            return dataclasses.replace(self, max_length=model_max_length(source, config, tokenizer))
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and self.max_length > positions:
+            log.warning("max_length %d is more than the model's %d positions", self.max_length, positions)
+        return self
 
     def render(self, text: str, instruction: str | None = None) -> tuple[str, int]:
         """The string the model sees and the character where the caption starts."""
@@ -159,6 +181,8 @@ class CaptionEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        if settings.max_length is None:  # from_pretrained has resolved it already (with the model dir)
+            settings = settings.with_model_limit(None, getattr(model, "config", None), tokenizer)
         self.settings = settings
         self.is_decoder = is_causal_model(model)
         if self.is_decoder and settings.bidirectional:
@@ -314,7 +338,8 @@ class CaptionEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, settings: EncoderSettings | None = None, *,
                         cache_dir: str | os.PathLike = ".cache/models", dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> CaptionEncoder:
+                        device: str | torch.device | None = None, max_length: int | None = None
+                        ) -> CaptionEncoder:
         """Load an encoder from a saved dir (its settings file wins) or any model spec.
 
         Args:
@@ -323,6 +348,11 @@ class CaptionEncoder(nn.Module):
             cache_dir: GGUF conversion cache.
             dtype: Weights dtype; default float32 on CPU, bfloat16 on CUDA.
             device: Where to put the model; default CUDA when available.
+            max_length: Override the token budget of the settings (None: theirs, and when they
+                do not say, the model's own limit, e.g. MiniLM's ``max_seq_length`` 256).
+
+        Raises:
+            FileNotFoundError: ``source`` is a local path that does not exist (at once, no hub).
         """
         resolved = resolve_model(str(source), cache_dir)
         saved = Path(resolved) / SETTINGS_FILE
@@ -331,7 +361,11 @@ class CaptionEncoder(nn.Module):
                 log.warning("%s has its own %s; the settings passed in are ignored", resolved, SETTINGS_FILE)
             settings = EncoderSettings.from_dict(json.loads(saved.read_text()))
         settings = settings or EncoderSettings()
+        if max_length is not None:
+            settings = dataclasses.replace(settings, max_length=max_length)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = load_model(resolved, dtype=dtype, attn_implementation=settings.attn_implementation)
-        return cls(model.to(device).eval(), load_tokenizer(resolved), settings)
+        tokenizer = load_tokenizer(resolved)
+        settings = settings.with_model_limit(resolved, model.config, tokenizer)
+        return cls(model.to(device).eval(), tokenizer, settings)

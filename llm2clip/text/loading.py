@@ -10,6 +10,7 @@ A model spec is one of
 - a local ``.gguf`` file: transformers dequantises it, and because a GGUF-loaded model refuses
   ``save_pretrained`` it is rebuilt from its config (without ``quantization_config``) and
   cached once as plain safetensors under the cache dir (later loads take ~0.2 s, not ~20 s);
+- a path that does not exist is an error at once (:func:`looks_local`), never a hub request;
 - anything else is a hub id, passed on to ``from_pretrained`` (needs network or a warm cache).
 """
 
@@ -20,18 +21,23 @@ import errno
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", re.ASCII)
+DEFAULT_MAX_LENGTH = 512  # tokens per caption when neither the user nor the model says otherwise
 
 
 def package_resource(spec: str) -> Path:
@@ -132,19 +138,39 @@ def _publish(tmp: Path, target: Path) -> None:
     log.warning("replaced an incomplete model cache at %s", target)
 
 
+def looks_local(spec: str) -> bool:
+    """Whether a model spec that does not exist can only have meant a local path.
+
+    A hub id is ``name`` or ``namespace/name`` (letters, digits, ``-``, ``_``, ``.``). Anything
+    else is a path: it starts with ``.``, ``/`` or ``~``, has a backslash or more than one ``/``,
+    ends in ``.gguf``, or its first component is a local directory (``models/encoder`` where
+    ``./models`` exists).
+    """
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or not HUB_ID.fullmatch(spec):
+        return True
+    head, slash, _ = spec.partition("/")
+    return bool(slash) and Path(head).is_dir()
+
+
 def resolve_model(spec: str, cache_dir: str | os.PathLike = ".cache/models") -> str:
     """Turn a model spec into something ``from_pretrained`` loads offline when possible.
 
     Returns:
         A local directory, or the hub id unchanged.
+
+    Raises:
+        FileNotFoundError: A local path (see :func:`looks_local`) that does not exist; it is
+            never passed on as a hub id (that would mean a minute of network retries).
     """
     path: Path | None = None
     if spec.startswith(PKG_SCHEME):
         path = package_resource(spec)
     elif Path(spec).expanduser().exists():
         path = Path(spec).expanduser()
-    elif spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
-        raise FileNotFoundError(f"model {spec!r} does not exist")
+    elif looks_local(spec):
+        raise FileNotFoundError(
+            errno.ENOENT, f"model {spec!r} does not exist (a local path is never looked up on the hub)",
+            str(Path(spec).expanduser().absolute()))
     if path is None:
         log.info("model %s: treated as a hub id", spec)
         return spec
@@ -153,6 +179,42 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike = ".cache/models") -> 
             raise ValueError(f"model {spec!r}: a file must be a .gguf, got {path.name}")
         return str(gguf_to_safetensors(path, cache_dir))
     return str(path)
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def model_max_length(source: str | os.PathLike | None, config: Any = None, tokenizer: Any = None) -> int:
+    """Tokens per caption a model is made for, when the user does not choose.
+
+    In order: sentence-transformers' ``max_seq_length`` (``sentence_bert_config.json``: what
+    ``SentenceTransformer.encode`` truncates to, e.g. 256 for all-MiniLM-L6-v2), else
+    :data:`DEFAULT_MAX_LENGTH` capped by the tokenizer's ``model_max_length`` and the model's
+    ``max_position_embeddings``.
+
+    Args:
+        source: A resolved local model dir (None or a hub id: only the objects below are read).
+        config: The model config, or None to read ``config.json`` from ``source``.
+        tokenizer: The tokenizer, or None to read ``tokenizer_config.json`` from ``source``.
+    """
+    folder = Path(source) if source is not None and Path(source).is_dir() else None
+    if folder is not None:
+        st_limit = _json_file(folder / "sentence_bert_config.json").get("max_seq_length")
+        if isinstance(st_limit, int) and st_limit > 0:
+            return st_limit
+    limits = [DEFAULT_MAX_LENGTH]
+    for value in (getattr(tokenizer, "model_max_length", None),
+                  getattr(config, "max_position_embeddings", None),
+                  _json_file(folder / "tokenizer_config.json").get("model_max_length") if folder else None,
+                  _json_file(folder / "config.json").get("max_position_embeddings") if folder else None):
+        if isinstance(value, int) and 0 < value < 1_000_000:  # tokenizers say 1e30 for "no limit"
+            limits.append(value)
+    return min(limits)
 
 
 def load_tokenizer(source: str):

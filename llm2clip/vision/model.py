@@ -13,6 +13,7 @@ it rebuilds without the original pretrained directory because the tower's full c
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -42,6 +43,35 @@ LOGIT_SCALE_MAX = math.log(100.0)  # temperature >= 0.01, clamped after every st
 # Excluded from weight decay besides 1-d tensors and biases (reference ``no_weight_decay``:
 # pos_embed, cls_token, logit_scale; SigLIP's attention-pool ``probe`` is its cls-token analogue).
 _NO_DECAY = re.compile(r"(?:^|\.)(position_embedding|class_embedding|probe|logit_scale)(?:\.|$)")
+
+
+def _absolute_if_local(spec: str | None) -> str | None:
+    """An existing local path made absolute (the model then loads from any working directory)."""
+    if not spec or "://" in spec or not Path(spec).expanduser().exists():
+        return spec
+    return os.path.abspath(Path(spec).expanduser())
+
+
+def _saved_caption_encoder(saved: dict[str, Any], directory: Path) -> str | None:
+    """The caption encoder a saved config names, as a spec that loads from here.
+
+    Absolute paths, ``pkg://`` specs and hub ids are kept. A relative path (older exports) is
+    looked up next to the model dir, then in the working directory; when neither exists and it
+    was a local dir (it has a fingerprint, or it looks like a path) the model-dir candidate is
+    returned, so :meth:`LLM2CLIPModel.encode_text` fails at once instead of asking the hub.
+    """
+    path = saved.get("path")
+    if not path or "://" in path or Path(path).expanduser().is_absolute():
+        return path
+    from llm2clip.text.loading import looks_local  # llm2clip.text imports transformers
+
+    candidates = [directory / path, Path(path)]
+    for candidate in candidates:
+        if candidate.exists():
+            return os.path.abspath(candidate)
+    if saved.get("fingerprint") or looks_local(path):
+        return os.path.abspath(candidates[0])
+    return path
 
 
 class LLM2CLIPModel(nn.Module):
@@ -76,6 +106,7 @@ class LLM2CLIPModel(nn.Module):
         self.caption_encoder_fingerprint = caption_encoder_fingerprint
         self.source_spec: dict[str, Any] = tower.spec.to_dict()
         object.__setattr__(self, "_text_encoder", None)  # cached CaptionEncoder, not a submodule
+        self._caption_encoder_origin = ""  # where caption_encoder came from (for errors)
 
     @classmethod
     def build(cls, tower: TowerSpec | dict[str, Any], **kwargs: Any) -> LLM2CLIPModel:
@@ -190,7 +221,8 @@ class LLM2CLIPModel(nn.Module):
         """The ``llm2clip_config.json`` content (without the weights checksum)."""
         caption = None
         if self.caption_encoder or self.caption_encoder_fingerprint:
-            caption = {"path": self.caption_encoder, "fingerprint": self.caption_encoder_fingerprint}
+            caption = {"path": _absolute_if_local(self.caption_encoder),
+                       "fingerprint": self.caption_encoder_fingerprint}
         scale = float(self.logit_scale.detach().float().reshape(-1)[0])
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -235,7 +267,9 @@ class LLM2CLIPModel(nn.Module):
 
         Args:
             directory: A directory written by :meth:`save_pretrained`.
-            caption_encoder: Caption-encoder dir for :meth:`encode_text`; default: the saved one.
+            caption_encoder: Caption-encoder dir for :meth:`encode_text`; default: the saved one
+                (saved as an absolute path; an older relative one is looked up next to
+                ``directory``, then in the working directory).
             device: Where to put the model.
             verify: Check the weights file against the sha256 in the config.
 
@@ -259,8 +293,10 @@ class LLM2CLIPModel(nn.Module):
         model = cls(tower, llm_dim=cfg["llm_embedding_dim"], embed_dim=cfg["embed_dim"],
                     adapter_blocks=adapter["num_blocks"], adapter_expansion=adapter["expansion"],
                     logit_scale_init=cfg["logit_scale"],
-                    caption_encoder=caption_encoder or saved_caption.get("path"),
+                    caption_encoder=caption_encoder or _saved_caption_encoder(saved_caption, directory),
                     caption_encoder_fingerprint=saved_caption.get("fingerprint"))
+        if not caption_encoder and saved_caption.get("path"):
+            model._caption_encoder_origin = f"saved in {config_path} as {saved_caption['path']!r}"
         model.source_spec = cfg["tower"].get("source", model.source_spec)
         weights = cfg.get("weights") or {}
         weights_path = directory / weights.get("file", WEIGHTS_FILE)
@@ -334,14 +370,26 @@ class LLM2CLIPModel(nn.Module):
 
         Raises:
             ValueError: No caption encoder was given (constructor or ``from_pretrained``).
+            FileNotFoundError: The caption encoder is a local path that does not exist (at once:
+                a missing path is never tried as a hub id).
         """
         if self._text_encoder is None:
             if not self.caption_encoder:
                 raise ValueError("encode_text needs a caption encoder: pass caption_encoder=<dir> to "
                                  "from_pretrained (or use encode_text_embeddings)")
             from llm2clip.text.encoder import CaptionEncoder  # heavy; only when text is encoded
+            from llm2clip.text.loading import looks_local
 
-            encoder = CaptionEncoder.from_pretrained(self.caption_encoder)
+            spec = self.caption_encoder
+            try:
+                encoder = CaptionEncoder.from_pretrained(spec)  # a missing local path fails at once
+            except FileNotFoundError as err:
+                if "://" in spec or Path(spec).expanduser().exists() or not looks_local(spec):
+                    raise
+                origin = f" ({self._caption_encoder_origin})" if self._caption_encoder_origin else ""
+                raise FileNotFoundError(
+                    errno.ENOENT, f"caption encoder {spec} does not exist{origin}: pass caption_encoder=<dir> "
+                    "to LLM2CLIPModel.from_pretrained, or use encode_text_embeddings", spec) from err
             if encoder.dim != self.llm_dim:
                 raise ValueError(f"caption encoder {self.caption_encoder} gives dim {encoder.dim}, "
                                  f"the adapter expects {self.llm_dim}")
