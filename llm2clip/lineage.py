@@ -25,6 +25,10 @@ from typing import Any
 
 from llm2clip.io import StageError, dir_fingerprint, is_remote, s3_filesystem
 
+MODEL_CONFIG_FILE = "llm2clip_config.json"
+"""``llm2clip.vision.model.CONFIG_FILE``, named here so that the stages that check lineage do not
+import (and so, for DVC, depend on) the vision package; a test keeps the two equal."""
+
 log = logging.getLogger(__name__)
 
 
@@ -59,9 +63,7 @@ def read_model_lineage(vision_model: str, endpoint_url: str = "") -> ModelLineag
     Raises:
         StageError: no ``llm2clip_config.json`` (not an exported model, or unfinished).
     """
-    from llm2clip.vision.model import CONFIG_FILE
-
-    path = f"{str(vision_model).rstrip('/')}/{CONFIG_FILE}"
+    path = f"{str(vision_model).rstrip('/')}/{MODEL_CONFIG_FILE}"
     try:
         if is_remote(path):
             config = json.loads(s3_filesystem(endpoint_url).cat(path))

@@ -351,3 +351,10 @@ def test_every_stage_that_consumes_inputs_has_a_lineage_test():
     tested = {name.split("_refuses_")[0].removeprefix("test_") for name in globals() if "_refuses_" in name}
     consuming = {name for name, spec in STAGES.items() if spec.inputs}
     assert consuming <= tested, consuming - tested
+
+
+def test_lineage_names_the_model_config_file_the_vision_package_writes():
+    from llm2clip.lineage import MODEL_CONFIG_FILE
+    from llm2clip.vision.model import CONFIG_FILE
+
+    assert MODEL_CONFIG_FILE == CONFIG_FILE
