@@ -168,7 +168,13 @@ def write_shards(
     return shards
 
 
+# Line breaks for str.splitlines() that json.dumps(ensure_ascii=False) leaves raw: escaped, so a
+# rejected path or caption holding one never splits its quarantine record in two.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def write_quarantine(path: Path, rejects: list[Rejection]) -> None:
     """``quarantine.jsonl``: one rejected sample per line (an empty file when none)."""
-    lines = (json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) + "\n" for r in rejects)
+    lines = (json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True).translate(_LINE_BREAKS) + "\n"
+             for r in rejects)
     atomic_write_text(path, "".join(lines))

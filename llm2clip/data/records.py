@@ -26,6 +26,7 @@ TOO_FEW_CAPTIONS = "too_few_captions"
 BAD_METADATA = "bad_metadata"
 BAD_ENCODING = "bad_encoding"
 UNREADABLE_SHARD = "unreadable_shard"
+BAD_MEMBER = "bad_member"
 DUPLICATE_KEY = "duplicate_key"
 DUPLICATE = "duplicate"
 
@@ -42,6 +43,8 @@ REASONS: dict[str, str] = {
     BAD_METADATA: "the row / json metadata could not be parsed",
     BAD_ENCODING: "the manifest row has bytes that are not valid in the manifest's encoding",
     UNREADABLE_SHARD: "an input tar shard could not be read (to its end)",
+    BAD_MEMBER: "a tar member of the sample is a link, FIFO or device (never followed), a second member of "
+                "the same name, or larger than the read limit",
     DUPLICATE_KEY: "another sample (or manifest row) already has this key and cannot be merged with it",
     DUPLICATE: "same image and same captions as a kept sample",
 }
@@ -57,6 +60,15 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 def short_hash(text: str, n: int = 8) -> str:
     """First ``n`` hex digits of the sha256 of ``text``."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:n]
+
+
+def printable(text: str) -> str:
+    """``text`` made safe to write as UTF-8: lone surrogates become ``\\udcff`` escapes.
+
+    They come from undecodable bytes (``surrogateescape``: tar member names, paths) or from
+    ``"\\ud800"`` escapes in a JSON manifest; written as they are, they would crash the writer.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def make_key(source: str, raw_id: str) -> str:
@@ -124,7 +136,7 @@ class SampleRecord:
             "key": self.key,
             "captions": {name: list(self.captions.get(name, [])) for name in caption_fields},
             "source": self.source,
-            "source_id": self.source_id,
+            "source_id": printable(self.source_id),
             "width": self.width,
             "height": self.height,
             "label": self.label,
@@ -144,8 +156,8 @@ class Rejection:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "key": self.key, "source": self.source, "source_id": self.source_id,
-            "reason": self.reason, "detail": self.detail, "line": self.line,
+            "key": self.key, "source": self.source, "source_id": printable(self.source_id),
+            "reason": self.reason, "detail": printable(self.detail), "line": self.line,
         }
 
 

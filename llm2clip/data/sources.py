@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -112,13 +113,39 @@ def open_source(src: Source, common: CommonConfig) -> SourceReader:
 # ----------------------------------------------------------------------------- file access
 
 
+MAX_FILE_BYTES = 1 << 30  # a local image or tar member larger than this is refused, not read into memory
+
+
+class NotAFileError(OSError):
+    """A local path that is not a regular file (FIFO, device, folder) or is larger than the limit."""
+
+
 def _open(path: str, endpoint_url: str):
     if is_remote(path):
         return s3_filesystem(endpoint_url).open(path, "rb")
     return open(path, "rb")
 
 
-def _read_bytes(path: str, endpoint_url: str) -> bytes:
+def _read_local(path: str, limit: int | None) -> bytes:
+    """The bytes of a regular local file; a FIFO never blocks, ``/dev/zero`` is never read.
+
+    Raises:
+        NotAFileError: not a regular file, or larger than ``limit`` bytes.
+        OSError: as ``open`` (missing, permission, loop, name too long).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO returns at once
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotAFileError(f"{path} is not a regular file (a folder, FIFO or device): not read")
+        if limit is not None and info.st_size > limit:
+            raise NotAFileError(f"{path} has {info.st_size} bytes, more than {limit}: not read")
+        return f.read()
+
+
+def _read_bytes(path: str, endpoint_url: str, limit: int | None = None) -> bytes:
+    if not is_remote(path):
+        return _read_local(path, limit)
     with _open(path, endpoint_url) as f:
         return f.read()
 
@@ -178,53 +205,143 @@ def _unbalanced(urls: str) -> str:
 # ------------------------------------------------------------------------------ webdataset
 
 
-def _tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: bytes})`` per sample of a tar stream (webdataset key rules)."""
-    key, files = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            dirname, base = posixpath.split(member.name)
-            if base.startswith(".") or "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            member_key = f"{dirname}/{stem}" if dirname else stem
-            if member_key != key and key is not None:
-                yield key, files
-                files = {}
-            key = member_key
-            files[ext.lower()] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, files
+@dataclass
+class _Members:
+    """The members of one webdataset sample: bytes per extension, and why any were not used."""
+
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail)
+
+
+def _member_problem(member: tarfile.TarInfo, group: _Members, ext: str) -> str:
+    """Why a member of a sample is not read ("" when it is: a regular file, new, within the limit)."""
+    if member.issym() or member.islnk():
+        kind = "symlink" if member.issym() else "hard link"
+        return f"{member.name} is a {kind} to {member.linkname!r}: links are never followed"
+    if not member.isfile():
+        return f"{member.name} is not a regular file (a FIFO or device): not read"
+    if member.size > MAX_FILE_BYTES:
+        return f"{member.name} has {member.size} bytes, more than {MAX_FILE_BYTES}: not read"
+    if ext in group.files:
+        return f"{member.name}: the sample already has a .{ext} member (names differ only in case?)"
+    return ""
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Remembers on its TarFile why reading stopped: tarfile ends quietly at a bad header."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as err:
+            tarfile_.llm2clip_end = err
+            raise
+
+
+def _check_stopped_at_marker(tar: tarfile.TarFile) -> None:
+    """Raise unless tarfile stopped at an end-of-archive marker (a zero block).
+
+    Raises:
+        tarfile.ReadError: a truncated or corrupt header stopped it: the rest would be lost silently.
+    """
+    end = getattr(tar, "llm2clip_end", None)
+    if end is not None and not isinstance(end, tarfile.EOFHeaderError):
+        raise tarfile.ReadError(f"the archive stops at byte {tar.offset} ({type(end).__name__}: {end}) instead "
+                                "of at an end-of-archive marker; anything after it is not read")
+
+
+def _check_only_zeros_follow(tar: tarfile.TarFile) -> None:
+    """Raise when data follows the end-of-archive marker.
+
+    Raises:
+        tarfile.ReadError: concatenated tars or a header overwritten with zeros: samples there would be
+            lost silently (reading to the end also lets xz and bz2 verify their checksums).
+    """
+    while chunk := tar.fileobj.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            raise tarfile.ReadError(f"data after the end-of-archive marker at byte {tar.offset} (concatenated "
+                                    "tar files, or a header overwritten with zeros): the samples there are not read")
+
+
+def _tar_groups(fileobj) -> Iterator[_Members]:
+    """The samples of a tar stream (webdataset rules: key = name up to the first dot of its base
+    name, a sample's members are consecutive, folders and names without a dot are not samples).
+
+    Raises:
+        tarfile.TarError, OSError, EOFError: the stream broke or does not end as a tar does; the
+            sample being read is yielded first, with an ``unreadable_shard`` problem.
+    """
+    group: _Members | None = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_TarInfo) as tar:
+            for member in tar:
+                base = posixpath.basename(member.name)
+                if member.isdir() or base.startswith(".") or "." not in base:
+                    continue
+                ext = base.split(".", 1)[1]
+                if group is None or member.name[: -len(ext) - 1] != group.key:
+                    if group is not None:
+                        yield group
+                    group = _Members(member.name[: -len(ext) - 1])
+                if problem := _member_problem(member, group, ext.lower()):
+                    group.problems.append((R.BAD_MEMBER, problem))
+                else:
+                    group.files[ext.lower()] = tar.extractfile(member).read()
+            _check_stopped_at_marker(tar)
+            if group is not None:  # complete: the archive ended at its marker
+                yield group
+                group = None
+            _check_only_zeros_follow(tar)
+    except (OSError, tarfile.TarError, EOFError) as err:
+        if group is not None:
+            group.problems.append((R.UNREADABLE_SHARD, f"the shard broke while this sample was read (members "
+                                                       f"{sorted(group.files)} read): {type(err).__name__}: {err}"))
+            yield group
+        raise
 
 
 def _wds_caption(files: dict[str, bytes], spec: str, meta: Any) -> Any:
+    """The raw value of a caption or label (``txt``, ``json:<key>``); None when absent.
+
+    Raises:
+        UnicodeDecodeError: a text member is not UTF-8 (never replaced silently).
+    """
     if spec.startswith("json:"):
         return meta.get(spec[5:]) if isinstance(meta, dict) else None
     data = files.get(spec.lower())
-    return data.decode("utf-8", errors="replace") if data is not None else None
+    return data.decode("utf-8") if data is not None else None
 
 
-def _wds_sample(src: WebDatasetSource, url: str, key: str, files: dict[str, bytes]) -> RawSample:
+def _wds_sample(src: WebDatasetSource, url: str, group: _Members) -> RawSample:
+    key, files = group.key, group.files
     sample = RawSample(source=src.name, source_id=f"{url}#{key}", key=make_key(src.name, key))
+    if group.problems:
+        sample.error = (group.problems[0][0], "; ".join(detail for _, detail in group.problems))
+        return sample
     meta: Any = None
     if "json" in files:
         try:
             meta = json.loads(files["json"])
-        except ValueError as err:
-            sample.error = (R.BAD_METADATA, f"{key}.json is not valid JSON: {err}")
+        except (ValueError, RecursionError) as err:  # RecursionError: [[[[... nested too deep
+            sample.error = (R.BAD_METADATA, f"{key}.json is not valid JSON: {type(err).__name__}: {err}")
             return sample
     ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
     if ext is None:
         sample.error = (R.MISSING_IMAGE, f"no {'/'.join(IMAGE_EXTENSIONS)} member (has {sorted(files)})")
         return sample
     sample.image = files[ext]
-    sample.captions = {name: _wds_caption(files, spec, meta) for name, spec in src.caption_fields.items()}
+    try:
+        sample.captions = {name: _wds_caption(files, spec, meta) for name, spec in src.caption_fields.items()}
+        label = _wds_caption(files, src.label_field, meta) if src.label_field else None
+    except UnicodeDecodeError as err:
+        member = next((f"{key}.{e}" for e, data in files.items() if data is err.object), key)
+        sample.error = (R.BAD_ENCODING, f"{member}: byte 0x{err.object[err.start]:02x} at {err.start} is not "
+                                        f"valid UTF-8 ({err.reason}); text members must be UTF-8")
+        return sample
     sample.optional = frozenset(src.optional_captions)
-    if src.label_field:
-        label = _wds_caption(files, src.label_field, meta)
-        sample.label = None if label is None else str(label)
+    sample.label = None if label is None else str(label)
     return sample
 
 
@@ -234,9 +351,9 @@ def iter_webdataset(src: WebDatasetSource, endpoint_url: str = "") -> Iterator[R
         n = 0
         try:
             with _open(url, endpoint_url) as f:
-                for key, files in _tar_groups(f):
+                for group in _tar_groups(f):
                     n += 1
-                    yield _wds_sample(src, url, key, files)
+                    yield _wds_sample(src, url, group)
         except (OSError, tarfile.TarError, EOFError) as err:
             log.warning("source %r: shard %s unreadable after %d samples: %s", src.name, url, n, err)
             yield RawSample(
@@ -321,8 +438,12 @@ def _encoding_error(text: str, n: int, encoding: str) -> tuple[str, str] | None:
 Row = tuple[int, dict | None, tuple[str, str] | None]  # (first line, row, (reason, detail) or None)
 
 
+_LINE_BREAK = re.compile("\r\n|\r|\n")  # not splitlines(): U+2028 is data; JSON has no raw CR or LF
+_SENTINEL = "\x00llm2clip-end-of-file\x00"
+
+
 def _jsonl_rows(decoded: Decoded) -> Iterator[Row]:
-    for n, line in enumerate(decoded.text.split("\n"), start=1):  # not splitlines(): U+2028 is data
+    for n, line in enumerate(_LINE_BREAK.split(decoded.text), start=1):
         if not line.strip():
             continue
         if error := _encoding_error(line, n, decoded.encoding):
@@ -330,39 +451,69 @@ def _jsonl_rows(decoded: Decoded) -> Iterator[Row]:
             continue
         try:
             row = json.loads(line)
-        except ValueError as err:
-            yield n, None, (R.BAD_METADATA, f"line {n} is not valid JSON: {err}")
+        except (ValueError, RecursionError) as err:  # RecursionError: [[[[... nested too deep
+            yield n, None, (R.BAD_METADATA, f"line {n} is not valid JSON: {type(err).__name__}: {err}")
             continue
         yield (n, row, None) if isinstance(row, dict) else (n, None, (R.BAD_METADATA, f"line {n} is not an object"))
+
+
+def _unclosed(lines: list[str]) -> bool:
+    """True when the CSV record that starts ``lines`` ends inside a quoted field at the end of the file."""
+    probe = next(csv.reader([*lines, "\n", _SENTINEL + "\n"]), [])
+    return any(_SENTINEL in value for value in probe)
+
+
+def _csv_records(lines: list[str]) -> Iterator[tuple[int, list[str] | None, str]]:
+    """``(first line, values or None, csv error)`` of every CSV record in ``lines``.
+
+    A quoted field still open at the end of the file (a stray ``"``) would swallow every line after
+    its own: that record becomes an error and reading resumes on the line after its first one.
+    """
+    first = 1
+    while first <= len(lines):
+        reader, end = csv.reader(lines[first - 1:]), first - 1
+        while True:  # until the reader ends (return) or a record runs off the end (break: read on)
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                yield end + 1, None, str(err)
+                end = first - 1 + reader.line_num
+                continue
+            start, end = end + 1, first - 1 + reader.line_num
+            if end == len(lines) and values and _unclosed(lines[start - 1:]):
+                yield start, None, ("a quoted field opened on this line is never closed (a stray '\"'?); the "
+                                    "lines after it are read as rows of their own: fix the quoting")
+                first = start + 1
+                break
+            yield start, values, ""
+
+
+def _shown(header: list[str]) -> list[str]:
+    """The header as an error message shows it (no giant column names)."""
+    return [name if len(name) <= 60 else f"{name[:57]}..." for name in header[:40]]
 
 
 def _csv_rows(src: ManifestSource, decoded: Decoded) -> Iterator[Row]:
     """CSV rows as dicts; a row's number is the line it starts on (quoted newlines allowed)."""
     if csv.field_size_limit() < _CSV_FIELD_LIMIT:  # a giant caption is validated, not a crash
         csv.field_size_limit(_CSV_FIELD_LIMIT)
-    reader = csv.reader(io.StringIO(decoded.text, newline=""))
-    header = next(reader, [])
+    records = _csv_records(io.StringIO(decoded.text, newline="").readlines())
+    header = next(records, (1, [], ""))[1] or []
     needed = [src.image_column, *src.caption_columns.values(), *filter(None, [src.key_column])]
     missing = [c for c in needed if c not in header]
     if missing:
         nul = "\x00" in "".join(header)
         utf16 = " (NUL bytes: UTF-16 without a byte-order mark? set encoding: utf-16)" if nul else ""
         raise StageError(
-            f"{src.path}: column(s) {missing} not found (columns: {header}){utf16}; "
+            f"{src.path}: column(s) {missing} not found (columns: {_shown(header)}){utf16}; "
             f"fix the manifest or the source's image_column/caption_columns/key_column"
         )
-    end = reader.line_num
-    while True:
-        try:
-            values = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            yield end + 1, None, (R.BAD_METADATA, f"line {end + 1}: {err}")
-            end = reader.line_num
-            continue
-        start, end = end + 1, reader.line_num
-        if values:
+    for start, values, csv_error in records:
+        if values is None:
+            yield start, None, (R.BAD_METADATA, f"line {start}: {csv_error}")
+        elif values:
             error = _encoding_error("\x00".join(values), start, decoded.encoding)
             yield start, None if error else dict(zip(header, values, strict=False)), error
 
@@ -376,11 +527,14 @@ def _manifest_rows(src: ManifestSource, endpoint_url: str) -> Iterator[Row]:
     """
     try:
         data = _read_bytes(src.path, endpoint_url)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, NotAFileError):
         raise StageError(_no_manifest(src)) from None
     except PermissionError as err:
         raise StageError(f"source {src.name!r}: no permission to read manifest {src.path} ({err}); "
                          "fix the file's permissions or the credentials") from None
+    except (OSError, ValueError) as err:  # a symlink loop, a name too long, a NUL in the path
+        raise StageError(f"source {src.name!r}: cannot read manifest {src.path!r}: {type(err).__name__}: "
+                         f"{err}; fix the source's path") from None
     decoded = decode_manifest(data, src.encoding, src.path)
     if decoded.undecodable:
         log.warning("%s: %d byte(s) are not valid %s; their rows are quarantined as %s (set the "
@@ -425,7 +579,8 @@ class _Group:
 
 def _row_group(src: ManifestSource, n: int, row: dict) -> _Group:
     image = row.get(src.image_column)
-    raw_id = str(row.get(src.key_column) or "") if src.key_column else ""
+    raw_key = row.get(src.key_column) if src.key_column else None
+    raw_id = "" if raw_key in (None, "") else str(raw_key)  # a JSON id 0 is an id
     if not raw_id and isinstance(image, str):
         raw_id = os.path.splitext(image)[0]
     label = row.get(src.label_column) if src.label_column else None
@@ -494,7 +649,7 @@ def _group_sample(src: ManifestSource, group: _Group, endpoint_url: str) -> RawS
         sample.error = (R.MISSING_IMAGE, f"{where}: no value in column {src.image_column!r}")
         return sample
     try:
-        sample.image = _read_bytes(_image_path(src, image), endpoint_url)
+        sample.image = _read_bytes(_image_path(src, image), endpoint_url, MAX_FILE_BYTES)
     except (OSError, ValueError) as err:
         sample.error = (R.MISSING_IMAGE, f"{where}: cannot read {image}: {type(err).__name__}: {err}")
     return sample

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import unicodedata
 import warnings
 from collections import Counter
@@ -148,14 +149,17 @@ def encode_jpeg(im: Image.Image, quality: int) -> bytes:
 
 
 def clean_text(text: str) -> str:
-    """NFKC-normalise, drop control/format characters and collapse whitespace."""
-    text = unicodedata.normalize("NFKC", text)
+    """Drop control/format characters, NFKC-normalise and collapse whitespace.
+
+    Dropping comes first, so a letter and its accent that a dropped character kept apart still
+    compose: the result is NFKC and cleaning it again changes nothing.
+    """
     kept = (
         " " if ch.isspace() else ch
         for ch in text
         if ch.isspace() or unicodedata.category(ch) not in _DROP_CATEGORIES
     )
-    return " ".join("".join(kept).split())
+    return " ".join(unicodedata.normalize("NFKC", "".join(kept)).split())
 
 
 def cut_at_word(text: str, limit: int) -> str:
@@ -182,11 +186,21 @@ def _raw_values(value: Any) -> list[Any]:
 _PREFIX_FACTOR = 8
 
 
+# Printable ASCII is never dropped, never reordered and never the second half of a composition:
+# NFKC never reaches across it.
+_BOUNDARY = re.compile("[\x20-\x7e]")
+
+
 def _clean_one(value: str, cfg: ValidationConfig) -> str:
-    """``clean_text`` of one caption, looking only at a long enough prefix of a giant one."""
-    limit = cfg.max_caption_chars
-    if len(value) > _PREFIX_FACTOR * limit + 1024:
-        head = clean_text(value[: _PREFIX_FACTOR * limit + 1024])
+    """``clean_text`` of one caption, looking only at a long enough prefix of a giant one.
+
+    The prefix ends before a printable ASCII character (see ``_BOUNDARY``; a combining sequence
+    cut in two would be reordered differently), so its cleaned text is a prefix of the whole one's.
+    """
+    limit, size = cfg.max_caption_chars, _PREFIX_FACTOR * cfg.max_caption_chars + 1024
+    if len(value) > size:
+        end = max((m.start() for m in _BOUNDARY.finditer(value, limit, size)), default=0)
+        head = clean_text(value[:end])
         if len(head) > limit + 64:  # cut_at_word reads only text[: limit + 1]: same result
             return head
     return clean_text(value)
