@@ -96,6 +96,14 @@ class EmojiSource:
     font_path: str = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 
 
+def _check_optional_captions(where: str, optional: tuple[str, ...], captions: dict[str, str], key: str) -> None:
+    """Optional caption names must be caption names, and at least one caption must stay required."""
+    unknown = [n for n in optional if n not in captions]
+    if unknown or (captions and set(captions) <= set(optional)):
+        raise ConfigError(f"{where}: optional_captions {list(optional)} must be names of {key} "
+                          f"{sorted(captions)}, and at least one must stay required")
+
+
 @dataclass(frozen=True)
 class WebDatasetSource:
     """img2dataset-style webdataset shards (``jpg``/``png``/``webp`` + ``txt`` + ``json``).
@@ -119,12 +127,8 @@ class WebDatasetSource:
     optional_captions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        unknown = [n for n in self.optional_captions if n not in self.caption_fields]
-        if unknown or (self.caption_fields and set(self.caption_fields) <= set(self.optional_captions)):
-            raise ConfigError(
-                f"webdataset source {self.name!r}: optional_captions {list(self.optional_captions)} must be "
-                f"names of caption_fields {sorted(self.caption_fields)}, and at least one must stay required"
-            )
+        _check_optional_captions(f"webdataset source {self.name!r}", self.optional_captions,
+                                 self.caption_fields, "caption_fields")
 
 
 @dataclass(frozen=True)
@@ -170,12 +174,8 @@ class ManifestSource:
     def __post_init__(self) -> None:
         import codecs
 
-        unknown = [n for n in self.optional_captions if n not in self.caption_columns]
-        if unknown or (self.caption_columns and set(self.caption_columns) <= set(self.optional_captions)):
-            raise ConfigError(
-                f"manifest source {self.name!r}: optional_captions {list(self.optional_captions)} must be "
-                f"names of caption_columns {sorted(self.caption_columns)}, and at least one must stay required"
-            )
+        _check_optional_captions(f"manifest source {self.name!r}", self.optional_captions,
+                                 self.caption_columns, "caption_columns")
         if self.encoding != "auto":
             try:
                 codecs.lookup(self.encoding)
