@@ -26,6 +26,8 @@ define install_step
 	     echo "install failed: $(1) (full log: $(INSTALL_LOG))" >&2; exit 1; fi
 endef
 PIP := $(PY) -m pip install --progress-bar off
+# open_clip's source, the reference the loss tests compare against (its deps pull torchvision).
+REFERENCE_WHEEL := .cache/reference/open_clip_torch-3.3.0-py3-none-any.whl
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -39,11 +41,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "installed: $$($(PY) -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"
 
+# Read by file path in tests/unit/test_{siglip,clip}_loss.py; never imported or installed.
+$(REFERENCE_WHEEL): | $(STAMP)
+	$(call install_step,open_clip_torch 3.3.0 wheel (downloaded; not installed),$(PY) -m pip download --no-deps --quiet --progress-bar off open_clip_torch==3.3.0 -d $(dir $(REFERENCE_WHEEL)))
+
 run: $(STAMP)
 	. $(VENV)/bin/activate && dvc repro
 	. $(VENV)/bin/activate && python -m llm2clip.summary
 
-test: $(STAMP)
+test: $(STAMP) $(REFERENCE_WHEEL)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

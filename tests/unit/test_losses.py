@@ -88,3 +88,33 @@ def test_gather_is_identity_without_a_group():
     x = torch.randn(3, 2)
     gathered, offset = all_gather_with_grad(x)
     assert gathered is x and offset == 0 and (get_rank(), get_world_size()) == (0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The image-text losses by name
+
+
+def test_create_loss_builds_every_registered_loss():
+    from llm2clip.losses import LOSSES, ClipLoss, SigLipLoss, create_loss
+
+    assert LOSSES == {"clip": ClipLoss, "siglip": SigLipLoss}
+    for name, cls in LOSSES.items():
+        loss = create_loss(name)
+        assert type(loss) is cls and loss.gather
+        assert create_loss(name, gather=False).gather is False
+
+
+def test_create_loss_unknown_name_lists_the_known_ones():
+    from llm2clip.losses import create_loss
+
+    with pytest.raises(ValueError, match=r"unknown loss 'sigclip' \(known losses: clip, siglip\)"):
+        create_loss("sigclip")
+    with pytest.raises(TypeError):
+        create_loss("clip", local_loss=True)  # a wrong keyword is the class's own error
+
+
+def test_caption_loss_moved_not_changed():
+    from llm2clip.losses import caption
+    from llm2clip.losses import caption_contrastive_loss as exported
+
+    assert exported is caption.caption_contrastive_loss is caption_contrastive_loss
