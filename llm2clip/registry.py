@@ -36,6 +36,7 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
+from llm2clip import tower_kinds
 from llm2clip.io import StageError, sha256_file
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ FINGERPRINT_TAG = "content_fingerprint"
 ENCODER_FINGERPRINT_TAG = "caption_encoder_fingerprint"
 DECISION_TAG, REASON_TAG = "promotion_decision", "promotion_reason"
 PROMOTED, NOT_PROMOTED = "promoted", "not_promoted"
-# Files in a caption-encoder dir that are stage reports, not part of the encoder.
+# A registered model name (and the caption encoder's): what MLflow accepts in a models:/ URI.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -120,7 +121,7 @@ def check_metrics(metrics: dict[str, Any] | None, primary_metric: str) -> dict[s
     if primary_metric not in flat:
         raise RegistrationError(f"the primary metric {primary_metric!r} is not among the evaluation metrics "
                                 f"{sorted(flat)}: run `evaluate` so it reports {primary_metric!r}, or set "
-                                "register.primary_metric to one of those")
+                                "evaluate.primary_metric to one of those")
     if not math.isfinite(flat[primary_metric]):
         raise RegistrationError(f"the primary metric {primary_metric!r} is {flat[primary_metric]}; "
                                 "fix the evaluation before registering")
@@ -170,15 +171,16 @@ def content_fingerprint(weights_sha256: str, config: dict[str, Any], metrics: di
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-# Packages a tower kind needs besides the common ones (distribution names).
-_TOWER_PACKAGES = {"efficientnet_lite0": ("efficientnet-lite-pytorch",)}
-
-
 def pip_requirements(tower_kind: str = "") -> list[str]:
     """Pinned runtime requirements of the pyfunc models (the installed versions; mlflow is added
-    by MLflow itself, ``llm2clip`` travels as code)."""
+    by MLflow itself, ``llm2clip`` travels as code).
+
+    Args:
+        tower_kind: The served model's tower kind; its ``requirements`` in
+            :data:`llm2clip.tower_kinds.TOWERS` are added. "" (the caption encoder): none.
+    """
     packages = ("torch", "transformers", "safetensors", "pillow", "numpy", "pandas",
-                *_TOWER_PACKAGES.get(tower_kind, ()))
+                *(tower_kinds.tower_kind(tower_kind).requirements if tower_kind else ()))
     return [f"{pkg}=={installed_version(pkg).split('+')[0]}" for pkg in packages]
 
 
@@ -402,6 +404,9 @@ def _create_version(client: Any, model_dir: Path, encoder_dir: str | Path | None
         encoder_uri = f"models:/{encoder_name}/{encoder_version}"
         tags = {**tags, "caption_encoder_model": encoder_name, "caption_encoder_version": encoder_version,
                 ENCODER_FINGERPRINT_TAG: encoder_fp}
+    # what trained it: the loss (models saved before losses had names were trained with CLIP's)
+    tags = {**tags, "loss": config.get("loss", "clip"),
+            "tower": config.get("tower", {}).get("spec", {}).get("kind", "")}
     trained_with = (config.get("caption_encoder") or {}).get("fingerprint")
     if encoder_fp and trained_with and trained_with != encoder_fp:
         log.warning("the model config names caption encoder %s; the encoder given has fingerprint %s",

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import yaml
 
-from llm2clip.stages import STAGES
-
 HEADLINES = ("counts", "metrics", "cra_before", "cra_after", "model_uri", "alias")
 
 
@@ -33,7 +31,7 @@ def _describe(manifest: dict) -> str:
 def summary_lines(repo: Path) -> list[str]:
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     lines = ["", "llm2clip pipeline outputs:"]
-    for name in STAGES:
+    for name in stages:  # dvc.yaml lists the stages in pipeline order (tests/kfp/test_parity.py)
         outs = stages.get(name, {}).get("outs", [])
         for out in outs:
             path = repo / (out if isinstance(out, str) else next(iter(out)))

@@ -17,7 +17,7 @@ import posixpath
 import re
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,22 +92,51 @@ def check_caption_mapping(sources: tuple[Source, ...], caption_fields: tuple[str
             raise StageError(_no_manifest(src, i))
 
 
-def open_source(src: Source, common: CommonConfig) -> SourceReader:
-    """The reader of one configured source."""
-    from llm2clip.data.emoji_source import font_problem, iter_emoji
+def _open_synthetic(src: SyntheticSource, common: CommonConfig) -> SourceReader:
     from llm2clip.data.synthetic import iter_synthetic
 
-    fields = common.caption_fields
-    if isinstance(src, SyntheticSource):
-        return SourceReader(src.name, src.kind, iter_synthetic(src, common.seed, fields), src.count)
-    if isinstance(src, EmojiSource):
-        if problem := font_problem(src.font_path):
-            log.warning("source %r skipped: %s", src.name, problem)
-            return SourceReader(src.name, src.kind, iter(()), 0, skipped=problem)
-        return SourceReader(src.name, src.kind, iter_emoji(src, common.seed, fields), src.count or None)
-    if isinstance(src, WebDatasetSource):
-        return SourceReader(src.name, src.kind, iter_webdataset(src, common.s3_endpoint_url), None)
+    return SourceReader(src.name, src.kind, iter_synthetic(src, common.seed, common.caption_fields), src.count)
+
+
+def _open_emoji(src: EmojiSource, common: CommonConfig) -> SourceReader:
+    from llm2clip.data.emoji_source import font_problem, iter_emoji
+
+    if problem := font_problem(src.font_path):
+        log.warning("source %r skipped: %s", src.name, problem)
+        return SourceReader(src.name, src.kind, iter(()), 0, skipped=problem)
+    return SourceReader(src.name, src.kind, iter_emoji(src, common.seed, common.caption_fields),
+                        src.count or None)
+
+
+def _open_webdataset(src: WebDatasetSource, common: CommonConfig) -> SourceReader:
+    return SourceReader(src.name, src.kind, iter_webdataset(src, common.s3_endpoint_url), None)
+
+
+def _open_manifest(src: ManifestSource, common: CommonConfig) -> SourceReader:
     return SourceReader(src.name, src.kind, iter_manifest(src, common.s3_endpoint_url), None)
+
+
+# Source kind (the ``kind`` of a ``prepare_data.sources`` entry, see ``llm2clip.config.Source``)
+# -> its reader. A new kind: its config dataclass in the ``Source`` union, a reader here.
+SOURCE_READERS: dict[str, Callable[[Any, CommonConfig], SourceReader]] = {
+    "synthetic": _open_synthetic,
+    "emoji": _open_emoji,
+    "webdataset": _open_webdataset,
+    "manifest": _open_manifest,
+}
+
+
+def open_source(src: Source, common: CommonConfig) -> SourceReader:
+    """The reader of one configured source.
+
+    Raises:
+        StageError: A source kind with no reader in :data:`SOURCE_READERS` (names the known ones).
+    """
+    reader = SOURCE_READERS.get(src.kind)
+    if reader is None:
+        raise StageError(f"source {src.name!r} has kind {src.kind!r}, which has no reader; "
+                         f"known kinds: {sorted(SOURCE_READERS)}")
+    return reader(src, common)
 
 
 # ----------------------------------------------------------------------------- file access
@@ -268,6 +297,13 @@ def _check_only_zeros_follow(tar: tarfile.TarFile) -> None:
 def _tar_groups(fileobj) -> Iterator[_Members]:
     """The samples of a tar stream (webdataset rules: key = name up to the first dot of its base
     name, a sample's members are consecutive, folders and names without a dot are not samples).
+
+    Why not ``webdataset``'s reader: these tars come from outside (img2dataset shards, anyone's
+    upload), and its reader hands over links and devices, reads a truncated or concatenated tar
+    as a shorter one, and raises on a broken header without saying which samples came before.
+    This one reports each of those as a quarantine problem naming the sample (docs/reliability.md,
+    fuzzed in tests/unit/data/test_fuzz_*.py). Our own shards are read by
+    :func:`llm2clip.data.shards.iter_groups`.
 
     Raises:
         tarfile.TarError, OSError, EOFError: the stream broke or does not end as a tar does; the

@@ -13,7 +13,6 @@ it rebuilds without the original pretrained directory because the tower's full c
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)  # temperature >= 0.01, clamped after every step (reference)
 # Excluded from weight decay besides 1-d tensors and biases (reference ``no_weight_decay``:
 # pos_embed, cls_token, logit_scale; SigLIP's attention-pool ``probe`` is its cls-token analogue).
-_NO_DECAY = re.compile(r"(?:^|\.)(position_embedding|class_embedding|probe|logit_scale)(?:\.|$)")
+_NO_DECAY = re.compile(r"(?:^|\.)(position_embedding|class_embedding|probe|logit_scale|logit_bias)(?:\.|$)")
 
 
 def _absolute_if_local(spec: str | None) -> str | None:
@@ -57,19 +56,18 @@ def _saved_caption_encoder(saved: dict[str, Any], directory: Path) -> str | None
 
     Absolute paths, ``pkg://`` specs and hub ids are kept. A relative path (older exports) is
     looked up next to the model dir, then in the working directory; when neither exists and it
-    was a local dir (it has a fingerprint, or it looks like a path) the model-dir candidate is
-    returned, so :meth:`LLM2CLIPModel.encode_text` fails at once instead of asking the hub.
+    was a local dir (it has a fingerprint) the model-dir candidate is returned, else the path as
+    saved. Either way :func:`llm2clip.clip_model.encode_text` fails at once on a missing local
+    path instead of asking the hub (this package never imports :mod:`llm2clip.text`).
     """
     path = saved.get("path")
     if not path or "://" in path or Path(path).expanduser().is_absolute():
         return path
-    from llm2clip.text.loading import looks_local  # llm2clip.text imports transformers
-
     candidates = [directory / path, Path(path)]
     for candidate in candidates:
         if candidate.exists():
             return os.path.abspath(candidate)
-    if saved.get("fingerprint") or looks_local(path):
+    if saved.get("fingerprint"):
         return os.path.abspath(candidates[0])
     return path
 
@@ -84,12 +82,17 @@ class LLM2CLIPModel(nn.Module):
         adapter_blocks: Residual blocks in the adapter (reference: 4).
         adapter_expansion: Hidden width factor of each block (reference: 2).
         logit_scale_init: Initial ``logit_scale`` (log of the inverse temperature).
-        caption_encoder: Saved caption-encoder dir used by :meth:`encode_text`.
+        logit_bias_init: Initial learnable ``logit_bias`` for a loss that takes one (SigLIP);
+            None: the model has no bias.
+        loss: Name of the loss the model is trained with (:data:`llm2clip.losses.LOSSES`),
+            recorded in its config.
+        caption_encoder: Saved caption-encoder dir, for :func:`llm2clip.clip_model.encode_text`.
         caption_encoder_fingerprint: Fingerprint of that encoder (lineage; written to the config).
     """
 
     def __init__(self, tower: VisionTower, llm_dim: int, embed_dim: int = 1280, adapter_blocks: int = 4,
                  adapter_expansion: float = 2.0, logit_scale_init: float = LOGIT_SCALE_INIT,
+                 logit_bias_init: float | None = None, loss: str = "clip",
                  caption_encoder: str | None = None, caption_encoder_fingerprint: str | None = None) -> None:
         super().__init__()
         self.tower = tower
@@ -100,12 +103,14 @@ class LLM2CLIPModel(nn.Module):
         self.adapter = TextAdapter(llm_dim, embed_dim, adapter_blocks, adapter_expansion)
         # Shape [1], not []: DeepSpeed 0.19.8 cannot broadcast 0-dim parameters (feasibility §3).
         self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init)))
+        self.logit_bias = (nn.Parameter(torch.full((1,), float(logit_bias_init)))
+                           if logit_bias_init is not None else None)
+        self.loss = loss
         self.embed_dim = embed_dim
         self.llm_dim = llm_dim
         self.caption_encoder = caption_encoder
         self.caption_encoder_fingerprint = caption_encoder_fingerprint
         self.source_spec: dict[str, Any] = tower.spec.to_dict()
-        object.__setattr__(self, "_text_encoder", None)  # cached CaptionEncoder, not a submodule
         self._caption_encoder_origin = ""  # where caption_encoder came from (for errors)
 
     @classmethod
@@ -133,19 +138,24 @@ class LLM2CLIPModel(nn.Module):
         """``(B, llm_dim)`` -> L2-normalised ``(B, embed_dim)`` float32."""
         return F.normalize(self.adapter(text_embeddings).float(), dim=-1)
 
-    def forward(self, pixel_values: torch.Tensor,
-                text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Both sides into the shared space.
+    def forward(self, pixel_values: torch.Tensor, text_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both sides into the shared space, as the keyword arguments of a loss
+        (``loss_fn(**model(pixels, text))``, open_clip's ``output_dict``).
 
         Args:
             pixel_values: ``(B, 3, S, S)`` images normalised with ``self.preprocess``.
             text_embeddings: ``(B, llm_dim)`` frozen-LLM caption embeddings (any scale).
 
         Returns:
-            ``image_features (B, D)``, ``text_features (B, D)`` (both unit-norm, float32) and
-            ``logit_scale.exp()`` of shape ``[1]``.
+            ``image_features (B, D)``, ``text_features (B, D)`` (both unit-norm, float32),
+            ``logit_scale``: ``exp`` of the parameter, shape ``[1]``, and ``logit_bias`` ``[1]``
+            when the model has one.
         """
-        return self.image_features(pixel_values), self.text_features(text_embeddings), self.logit_scale.exp()
+        out = {"image_features": self.image_features(pixel_values),
+               "text_features": self.text_features(text_embeddings), "logit_scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -233,6 +243,9 @@ class LLM2CLIPModel(nn.Module):
             "adapter": {"num_blocks": self.adapter.num_blocks, "expansion": self.adapter.expansion,
                         "l2_normalize_input": True},
             "logit_scale": scale, "logit_scale_exp": math.exp(scale),
+            "logit_bias": (float(self.logit_bias.detach().float().reshape(-1)[0])
+                           if self.logit_bias is not None else None),
+            "loss": self.loss,
             "preprocess": self.tower.preprocess.to_dict(),
             "caption_encoder": caption,
             "num_parameters": sum(p.numel() for p in self.parameters()),
@@ -267,7 +280,8 @@ class LLM2CLIPModel(nn.Module):
 
         Args:
             directory: A directory written by :meth:`save_pretrained`.
-            caption_encoder: Caption-encoder dir for :meth:`encode_text`; default: the saved one
+            caption_encoder: Caption-encoder dir for :func:`llm2clip.clip_model.encode_text`;
+                default: the saved one
                 (saved as an absolute path; an older relative one is looked up next to
                 ``directory``, then in the working directory).
             device: Where to put the model.
@@ -292,7 +306,8 @@ class LLM2CLIPModel(nn.Module):
         adapter = cfg["adapter"]
         model = cls(tower, llm_dim=cfg["llm_embedding_dim"], embed_dim=cfg["embed_dim"],
                     adapter_blocks=adapter["num_blocks"], adapter_expansion=adapter["expansion"],
-                    logit_scale_init=cfg["logit_scale"],
+                    logit_scale_init=cfg["logit_scale"], logit_bias_init=cfg.get("logit_bias"),
+                    loss=cfg.get("loss", "clip"),  # models saved before losses were named trained with CLIP
                     caption_encoder=caption_encoder or _saved_caption_encoder(saved_caption, directory),
                     caption_encoder_fingerprint=saved_caption.get("fingerprint"))
         if not caption_encoder and saved_caption.get("path"):
@@ -357,42 +372,3 @@ class LLM2CLIPModel(nn.Module):
             for start in range(0, embeddings.shape[0], batch_size):
                 out.append(self.text_features(embeddings[start:start + batch_size].to(device)).cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
-
-    def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Embed raw captions: caption encoder (frozen LLM) -> adapter.
-
-        Args:
-            texts: ``N`` captions.
-            batch_size: Captions per LLM forward pass.
-
-        Returns:
-            ``(N, embed_dim)`` unit-norm float32 on CPU.
-
-        Raises:
-            ValueError: No caption encoder was given (constructor or ``from_pretrained``).
-            FileNotFoundError: The caption encoder is a local path that does not exist (at once:
-                a missing path is never tried as a hub id).
-        """
-        if self._text_encoder is None:
-            if not self.caption_encoder:
-                raise ValueError("encode_text needs a caption encoder: pass caption_encoder=<dir> to "
-                                 "from_pretrained (or use encode_text_embeddings)")
-            from llm2clip.text.encoder import CaptionEncoder  # heavy; only when text is encoded
-            from llm2clip.text.loading import looks_local
-
-            spec = self.caption_encoder
-            try:
-                encoder = CaptionEncoder.from_pretrained(spec)  # a missing local path fails at once
-            except FileNotFoundError as err:
-                if "://" in spec or Path(spec).expanduser().exists() or not looks_local(spec):
-                    raise
-                origin = f" ({self._caption_encoder_origin})" if self._caption_encoder_origin else ""
-                raise FileNotFoundError(
-                    errno.ENOENT, f"caption encoder {spec} does not exist{origin}: pass caption_encoder=<dir> "
-                    "to LLM2CLIPModel.from_pretrained, or use encode_text_embeddings", spec) from err
-            if encoder.dim != self.llm_dim:
-                raise ValueError(f"caption encoder {self.caption_encoder} gives dim {encoder.dim}, "
-                                 f"the adapter expects {self.llm_dim}")
-            object.__setattr__(self, "_text_encoder", encoder)
-        embeddings = self._text_encoder.encode(list(texts), batch_size=batch_size)
-        return self.encode_text_embeddings(embeddings)

@@ -1,6 +1,7 @@
 """Vision towers behind one small interface: pixels ``(B, 3, H, W)`` -> pooled features ``(B, width)``.
 
-Kinds (``TowerSpec.kind``):
+Kinds (``TowerSpec.kind``; the table is :data:`llm2clip.tower_kinds.TOWERS`, which names each
+kind's builder, whether it loads a pretrained directory, its serving requirements and default loss):
 
 - ``clip``: Hugging Face ``CLIPVisionModel``; pooled output = post-LayerNorm CLS token, as the
   reference's OpenAI/EVA towers (LLM2CLIP ``eva_clip/model.py``; the CLIP projection is dropped and
@@ -29,11 +30,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llm2clip.hf import set_activation_checkpointing
+from llm2clip.tower_kinds import TOWERS, tower_kind
 from llm2clip.vision.transforms import HALF, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess
 
 log = logging.getLogger(__name__)
 
-TOWER_KINDS = ("clip", "siglip", "efficientnet_lite0", "vit_scratch")
+TOWER_KINDS = tuple(TOWERS)  # the built-in kinds; llm2clip.tower_kinds.TOWERS is the live table
 
 # The offline-demo ViT: ~2.7M parameters, 64 tokens at 128 px.
 VIT_SCRATCH_DEFAULTS: dict[str, Any] = {
@@ -51,7 +54,8 @@ class TowerSpec:
     """How to build a vision tower.
 
     Attributes:
-        kind: One of ``clip``, ``siglip``, ``efficientnet_lite0``, ``vit_scratch``.
+        kind: A key of :data:`llm2clip.tower_kinds.TOWERS` (built in: ``clip``, ``siglip``,
+            ``efficientnet_lite0``, ``vit_scratch``).
         path: ``clip``/``siglip``: a local Hugging Face dir (a ``CLIPVisionModel``/``CLIPModel`` or
             ``SiglipVisionModel``/``SiglipModel``; the vision part is taken). Empty: build from
             ``config`` with random weights.
@@ -71,11 +75,10 @@ class TowerSpec:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in TOWER_KINDS:
-            raise ValueError(f"unknown vision tower kind {self.kind!r}; expected one of {TOWER_KINDS}")
+        kind = tower_kind(self.kind)  # an unknown kind: ValueError listing the known ones
         if self.image_size < 0:
             raise ValueError(f"tower image_size must be >= 0, got {self.image_size}")
-        if self.path and self.kind not in ("clip", "siglip"):
+        if self.path and not kind.loads_directory:
             raise ValueError(f"tower kind {self.kind!r} takes no path (got {self.path!r})")
 
     @classmethod
@@ -167,11 +170,7 @@ class HFVisionTower(VisionTower):
         return self.num_layers + 1
 
     def set_gradient_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            # Non-reentrant: works with frozen inputs and DeepSpeed, no requires_grad hack.
-            self.model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            self.model.activation_checkpointing_disable()
+        set_activation_checkpointing(self.model, enable)
 
     def export_spec(self) -> TowerSpec:
         config = {k: v for k, v in self.model.config.to_dict().items() if k not in _HF_META_KEYS}
@@ -335,8 +334,14 @@ def build_tower(spec: TowerSpec | dict[str, Any]) -> VisionTower:
     """
     if isinstance(spec, dict):
         spec = TowerSpec.from_dict(spec)
-    if spec.kind == "efficientnet_lite0":
-        return EfficientNetLite0Tower(spec)
+    builder = tower_kind(spec.kind).builder
+    if isinstance(builder, str):  # a built-in kind names its builder in this module
+        builder = globals()[builder]
+    return builder(spec)
+
+
+def build_hf_tower(spec: TowerSpec) -> HFVisionTower:
+    """The builder of the Hugging Face kinds (``clip``, ``siglip``, ``vit_scratch``)."""
     model, pre = _load_hf_pretrained(spec) if spec.path else _build_hf_from_config(spec)
     return HFVisionTower(model, spec, pre)
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from llm2clip import registry
+from llm2clip.clip_model import encode_text
 from llm2clip.io import StageError
 from llm2clip.pyfunc import decode_image
 from llm2clip.vision.model import LLM2CLIPModel
@@ -167,6 +168,7 @@ def test_gate_idempotency_and_shared_encoder(mlflow_server, models, encoder_dir)
     assert float(tags[f"metric.{PRIMARY}"]) == 0.30 and float(tags["metric.t2i.recall_at_1"]) == 0.15
     assert tags["promotion_decision"] == "promoted" and "no champion" in tags["promotion_reason"]
     assert tags["caption_encoder_model"] == f"{name}-caption-encoder"
+    assert tags["loss"] == "clip" and tags["tower"]  # what trained the model
     assert tags["caption_encoder_version"] == "1"
     assert tags["caption_encoder_fingerprint"] == registry.encoder_fingerprint(encoder_dir)
     assert tags["content_fingerprint"] == first.fingerprint
@@ -258,7 +260,7 @@ def test_champion_in_fresh_process(mlflow_server, models, encoder_dir, tmp_path)
     np.testing.assert_allclose(np.array(got["image"]), expected_images, atol=1e-5)
     np.testing.assert_allclose(np.array(got["array"]), expected_images[:1], atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got["image"], axis=1), 1.0, atol=1e-5)
-    expected_text = model.encode_text(CAPTIONS).numpy()
+    expected_text = encode_text(model, CAPTIONS).numpy()
     np.testing.assert_allclose(np.array(got["text"]), expected_text, atol=1e-5)
     np.testing.assert_allclose(np.array(got["served_image"]), expected_images, atol=1e-5)
     np.testing.assert_allclose(np.array(got["served_text"]), expected_text, atol=1e-5)
@@ -288,6 +290,6 @@ def test_s3_artifact_store(s3_bucket, models, encoder_dir, tmp_path):
         np.testing.assert_allclose(np.array(got["image_embedding"].tolist()),
                                    model.encode_image([decode_image(png(3))]).numpy(), atol=1e-5)
         np.testing.assert_allclose(np.array(got["text_embedding"].tolist()),
-                                   model.encode_text(CAPTIONS[:1]).numpy(), atol=1e-5)
+                                   encode_text(model, CAPTIONS[:1]).numpy(), atol=1e-5)
     finally:
         servers.stop(proc)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from vision_tiny import TINY_VISION
 
+from llm2clip.clip_model import encode_text
 from llm2clip.vision.model import CONFIG_FILE, LLM2CLIPModel
 
 _spec = importlib.util.spec_from_file_location(
@@ -57,7 +58,7 @@ def test_relative_encoder_path_is_saved_absolute_and_loads_from_elsewhere(encode
     run = encoder_dir.parents[1]
     monkeypatch.chdir(run)  # where training ran: the encoder is "models/caption_encoder" here
     model = build("models/caption_encoder")
-    expected = model.encode_text(TEXTS)
+    expected = encode_text(model, TEXTS)
     model.save_pretrained(run / "models" / "vision_model")
     saved = json.loads((run / "models" / "vision_model" / CONFIG_FILE).read_text())["caption_encoder"]
     assert saved["path"] == str(encoder_dir.absolute())
@@ -66,7 +67,7 @@ def test_relative_encoder_path_is_saved_absolute_and_loads_from_elsewhere(encode
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     loaded = LLM2CLIPModel.from_pretrained(run / "models" / "vision_model")
-    torch.testing.assert_close(loaded.encode_text(TEXTS), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(encode_text(loaded, TEXTS), expected, atol=1e-6, rtol=0)
 
 
 def test_old_relative_path_is_found_next_to_the_model(encoder_dir, tmp_path, monkeypatch):
@@ -79,7 +80,7 @@ def test_old_relative_path_is_found_next_to_the_model(encoder_dir, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     loaded = LLM2CLIPModel.from_pretrained(model_dir)
     assert loaded.caption_encoder == str(encoder_dir.absolute())
-    assert loaded.encode_text(TEXTS).shape == (2, 16)
+    assert encode_text(loaded, TEXTS).shape == (2, 16)
 
 
 @pytest.mark.parametrize("saved_path", ["models/caption_encoder", "/gone/models/caption_encoder",
@@ -96,7 +97,7 @@ def test_missing_saved_encoder_fails_at_once_without_the_hub(saved_path, tmp_pat
     loaded = LLM2CLIPModel.from_pretrained(model_dir)
     started = time.monotonic()
     with pytest.raises(FileNotFoundError, match="does not exist.*saved in .*pass caption_encoder="):
-        loaded.encode_text(TEXTS)
+        encode_text(loaded, TEXTS)
     assert time.monotonic() - started < 5 and calls == []
 
 
@@ -106,7 +107,7 @@ def test_an_explicit_missing_encoder_dir_fails_at_once(tmp_path, monkeypatch):
     calls = no_hub(monkeypatch)
     for spec in ("models/encoder", str(tmp_path / "nope")):
         with pytest.raises(FileNotFoundError, match="does not exist"):
-            build(spec, fingerprint=None).encode_text(TEXTS)
+            encode_text(build(spec, fingerprint=None), TEXTS)
     assert calls == []
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from vision_tiny import CUSTOM_MEAN, TINY_VISION
 
+from llm2clip.clip_model import encode_text
 from llm2clip.vision.model import CONFIG_FILE, LOGIT_SCALE_INIT, WEIGHTS_FILE, LLM2CLIPModel
 from llm2clip.vision.transforms import EvalTransform, to_tensor_batch
 
@@ -30,11 +31,18 @@ def tiny_model(**kwargs) -> LLM2CLIPModel:
                                **kwargs)
 
 
+def outputs(out: dict) -> tuple:
+    """The forward's dict (the loss's keyword arguments) as ``(image, text, scale)``."""
+    return out["image_features"], out["text_features"], out["logit_scale"]
+
+
 def test_logit_scale_shape_init_and_clamp():
     model = tiny_model()
     assert model.logit_scale.shape == (1,)  # not 0-dim: DeepSpeed 0.19.8 breaks on 0-dim params
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
-    *_, scale = model(torch.randn(2, 3, 32, 32), torch.randn(2, LLM_DIM))
+    out = model(torch.randn(2, 3, 32, 32), torch.randn(2, LLM_DIM))
+    scale = out["logit_scale"]
+    assert "logit_bias" not in out and model.logit_bias is None and model.loss == "clip"
     assert scale.shape == (1,) and scale.item() == pytest.approx(1 / 0.07, rel=1e-6)
     with torch.no_grad():
         model.logit_scale.fill_(7.0)
@@ -51,7 +59,7 @@ def test_logit_scale_shape_init_and_clamp():
 def test_forward_normalised_features_and_gradients_everywhere():
     model = tiny_model()
     images, texts = torch.randn(4, 3, 32, 32), 50 * torch.randn(4, LLM_DIM)
-    img, txt, scale = model(images, texts)
+    img, txt, scale = outputs(model(images, texts))
     assert img.shape == txt.shape == (4, EMBED) and img.dtype == txt.dtype == torch.float32
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(txt.norm(dim=-1), torch.ones(4))
@@ -123,7 +131,7 @@ def test_param_groups_feed_adamw_and_skip_frozen():
     assert {g["layer_id"] for g in groups} == {3}  # only head, adapter, logit_scale remain
     optimizer = torch.optim.AdamW(groups)
     before = model.head.weight.detach().clone()
-    img, txt, scale = model(torch.randn(3, 3, 32, 32), torch.randn(3, LLM_DIM))
+    img, txt, scale = outputs(model(torch.randn(3, 3, 32, 32), torch.randn(3, LLM_DIM)))
     (-(scale * img * txt).sum()).backward()
     optimizer.step()
     model.clamp_logit_scale_()
@@ -173,7 +181,7 @@ def test_encode_text_embeddings_is_scale_free_and_batched():
 
 def test_encode_text_needs_a_caption_encoder():
     with pytest.raises(ValueError, match="caption encoder"):
-        tiny_model().encode_text(["a red square"])
+        encode_text(tiny_model(), ["a red square"])
 
 
 def test_encode_text_plumbing_with_a_stub_encoder(monkeypatch):
@@ -191,9 +199,9 @@ def test_encode_text_plumbing_with_a_stub_encoder(monkeypatch):
                         classmethod(lambda cls, source, *a, **k: loaded.append(source) or Stub()))
     model = tiny_model(caption_encoder="/some/encoder")
     texts = ["two blue circles", "a red square"]
-    out = model.encode_text(texts)
+    out = encode_text(model, texts)
     torch.testing.assert_close(out, model.encode_text_embeddings(torch.stack([table[t] for t in texts])))
-    model.encode_text(texts)
+    encode_text(model, texts)
     assert loaded == ["/some/encoder"]  # loaded once, then cached
     assert not any("_text_encoder" in k for k in model.state_dict())  # cached, not a submodule
 
@@ -203,7 +211,7 @@ def _train_a_step(model: LLM2CLIPModel) -> None:
     model.train()
     size = model.preprocess.image_size
     optimizer = torch.optim.AdamW(model.param_groups(1e-2, 0.05, 0.9))
-    img, txt, scale = model(torch.randn(4, 3, size, size), torch.randn(4, LLM_DIM))
+    img, txt, scale = outputs(model(torch.randn(4, 3, size, size), torch.randn(4, LLM_DIM)))
     logits = scale * img @ txt.T
     torch.nn.functional.cross_entropy(logits, torch.arange(4)).backward()
     optimizer.step()
