@@ -5,7 +5,8 @@
 #
 # 1. the machine: GPU, driver, torch, bf16 support (what llm2clip's precision resolution reads);
 # 2. bench/gpu_train_vision.sh: ViT-B/16 + adapter, bf16, ZeRO-1, batch 256 per GPU (the reference
-#    setting), then batch 512 with ZeRO-2 and gradient checkpointing (the memory-saving setting);
+#    setting) with CLIP and with SigLIP loss, each against a plain PyTorch loop (the peer), then
+#    batch 512 with ZeRO-2 and gradient checkpointing (the memory-saving setting);
 # 3. the tests marked `gpu` (pytest -m gpu).
 #
 # A machine without our pins (the lent GPU machines have torch/transformers but not DeepSpeed or
@@ -27,7 +28,7 @@ echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" - <<'EOF'
 import torch, transformers
-from llm2clip.train.engine import resolve_precision
+from llm2clip.train.precision import resolve_precision
 dev = torch.device("cuda")
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
       f"bf16 supported: {torch.cuda.is_bf16_supported()}, capability {torch.cuda.get_device_capability()}, "
@@ -35,11 +36,17 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
 EOF
 
 status=0
-echo "== train_vision, batch 256/GPU, ZeRO-1"
-bash bench/gpu_train_vision.sh 2>&1 | grep -v "^\[20[0-9][0-9]-" | tee "$OUT/gpu_train_vision_b256.log" | tail -4 || status=1
-echo "== train_vision, batch 512/GPU, ZeRO-2, gradient checkpointing"
-bash bench/gpu_train_vision.sh --batch-size 512 --zero-stage 2 --gradient-checkpointing --steps 40 2>&1 \
-  | grep -v "^\[20[0-9][0-9]-" | tee "$OUT/gpu_train_vision_b512.log" | tail -4 || status=1
+run() {  # name, then the arguments of bench/gpu_train_vision.sh
+  local name=$1; shift
+  echo "== train_vision: $*"
+  bash bench/gpu_train_vision.sh "$@" 2>&1 | grep -v "^\[20[0-9][0-9]-" >"$OUT/$name.log"; local rc=${PIPESTATUS[0]}
+  if [[ $rc -ne 0 ]]; then status=1; grep -v "^\[rank" "$OUT/$name.log" | tail -25; grep "^\[rank0\]" "$OUT/$name.log" | tail -15
+  else grep -E "^  |^RESULT" "$OUT/$name.log"; fi
+}
+run b256_clip                                                    # the reference setting, and the peer
+run b256_siglip --loss siglip
+run b512_zero2_gc --batch-size 512 --zero-stage 2 --gradient-checkpointing --steps 40 --no-peer
+run b256_fp16 --precision fp16 --steps 30 --warmup 5 --no-peer           # the reference precision (loss scaling)
 echo "== pytest -m gpu"
 timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/unit/text/test_packed.py 2>&1 | tail -15 || status=1
 exit $status

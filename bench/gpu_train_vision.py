@@ -20,8 +20,9 @@ import time
 import torch
 
 from llm2clip.config import TrainVisionConfig
+from llm2clip.losses import LOSSES, create_loss
 from llm2clip.train.distributed import init_distributed
-from llm2clip.train.engine import resolve_precision
+from llm2clip.train.precision import resolve_precision
 from llm2clip.train.vision_trainer import TrainPlan, train, training_flops
 from llm2clip.vision.model import LLM2CLIPModel
 
@@ -43,6 +44,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--loss", default="clip", help="a name in llm2clip.losses.LOSSES (clip, siglip)")
+    p.add_argument("--no-peer", action="store_true",
+                   help="skip the peer: a plain PyTorch loop (autocast, fused AdamW, no DeepSpeed) on one GPU")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="the GPU's dense bf16 peak per device (default: H100/H200 SXM)")
     args = p.parse_args(argv)
@@ -58,14 +62,22 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = init_distributed()
     try:
         vit = TINY if args.dry_run else VIT_B16
-        cfg = TrainVisionConfig(tower="vit_scratch", tower_config=vit, image_size=vit["image_size"],
+        cfg = TrainVisionConfig(tower="vit_scratch", tower_config=vit, image_size=vit["image_size"], loss=args.loss,
                                 embed_dim=args.embed_dim, batch_size=args.batch_size, max_steps=args.steps,
                                 lr=1e-5, warmup_steps=0, weight_decay=0.05, zero_stage=args.zero_stage,
                                 precision=args.precision, gradient_clipping=5.0, log_every=10**9,
                                 gradient_checkpointing=args.gradient_checkpointing, workers=0)
         precision = resolve_precision(cfg.precision, ctx.device)
-        torch.manual_seed(0)
-        model = LLM2CLIPModel.build(cfg.tower_spec(), llm_dim=args.llm_dim, embed_dim=args.embed_dim).to(ctx.device)
+        loss = LOSSES[args.loss]
+
+        def new_model() -> LLM2CLIPModel:
+            torch.manual_seed(0)
+            return LLM2CLIPModel.build(
+                cfg.tower_spec(), llm_dim=args.llm_dim, embed_dim=args.embed_dim, loss=args.loss,
+                logit_scale_init=loss.init_logit_scale,
+                logit_bias_init=loss.init_logit_bias if loss.needs_bias else None).to(ctx.device)
+
+        model = new_model()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         size = vit["image_size"]
         batch = {"pixels": torch.randn(args.batch_size, 3, size, size, device=ctx.device).to(dtype),
@@ -76,21 +88,31 @@ def main(argv: list[str] | None = None) -> dict:
         outcome = train(model, cfg, plan=plan, batches=lambda start, total: (batch for _ in range(start, total)),
                         ctx=ctx, seed=0, ckpt_dir=None)
         wall = time.perf_counter() - started
+        final_loss = outcome.history["loss"][-1]
+        n_params = sum(p.numel() for p in model.parameters())
+        peak_mem = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else 0.0
         steady = outcome.history["samples_per_second"][args.warmup:] or outcome.history["samples_per_second"]
         samples_s = statistics.median(steady)
+        peer = None
+        if not args.no_peer and ctx.world_size == 1:
+            del model, outcome
+            torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
+            peer = plain_loop(new_model(), cfg, args, {"pixels": batch["pixels"].float(), "text": batch["text"]},
+                              precision)
         achieved = samples_s * flops_per_sample / ctx.world_size  # FLOP/s per device
         report = {
             "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
             "world_size": ctx.world_size, "precision": precision, "zero_stage": args.zero_stage,
             "tower": "ViT-B/16 224px" if not args.dry_run else "tiny (dry run)",
-            "params": sum(p.numel() for p in model.parameters()), "batch_per_gpu": args.batch_size,
+            "params": n_params, "batch_per_gpu": args.batch_size,
             "steps": args.steps, "samples_per_second": samples_s,
             "samples_per_second_per_gpu": samples_s / ctx.world_size,
             "model_gflop_per_sample": flops_per_sample / 1e9, "achieved_tflops_per_gpu": achieved / 1e12,
             "peak_tflops_per_gpu": args.peak_tflops, "mfu": achieved / (args.peak_tflops * 1e12),
-            "final_loss": outcome.history["loss"][-1], "wall_s": wall,
-            "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(ctx.device) / 2**30
-                                 if ctx.device.type == "cuda" else 0.0),
+            "final_loss": final_loss, "wall_s": wall, "loss": args.loss,
+            "peer": "plain PyTorch loop (torch.autocast, fused AdamW, grad clipping, no DeepSpeed)",
+            "peer_samples_per_second": peer, "trainer_vs_peer": samples_s / peer if peer else None,
+            "peak_gpu_mem_gib": peak_mem,
         }
         if ctx.is_main:
             print(f"train_vision GPU benchmark: {report['tower']} + adapter {args.llm_dim}->{args.embed_dim}, "
@@ -99,10 +121,44 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{report['model_gflop_per_sample']:.2f} GFLOP/sample (fwd+bwd), "
                   f"{report['achieved_tflops_per_gpu']:.1f} TFLOP/s per GPU = MFU {100 * report['mfu']:.1f}% "
                   f"of {args.peak_tflops:.0f} TFLOP/s bf16 peak")
+            if peer:
+                print(f"  peer ({report['peer']}): {peer:.1f} samples/s; trainer / peer = "
+                      f"{report['trainer_vs_peer']:.2f}")
             print("RESULT " + json.dumps(report))
         return report
     finally:
         ctx.shutdown()
+
+
+def plain_loop(model: LLM2CLIPModel, cfg: TrainVisionConfig, args: argparse.Namespace, batch: dict,
+               precision: str) -> float:
+    """The peer: what a user writes by hand on one GPU. Same model, batch, loss, AdamW groups,
+    clipping and clamp; fp32 weights under ``torch.autocast``. Median samples/s after warmup."""
+    from llm2clip.train.optim import build_optimizer
+
+    groups = model.param_groups(cfg.lr, cfg.weight_decay, cfg.layer_decay)
+    optimizer, scheduler = build_optimizer(groups, lr=cfg.lr, total_steps=args.steps, warmup=0, schedule="cosine")
+    params = [p for g in groups for p in g["params"]]
+    loss_fn = create_loss(model.loss, gather=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    device = batch["pixels"].device
+    rates = []
+    for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tick = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = loss_fn(**model(batch["pixels"], batch["text"]))
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clipping)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scale_()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.append(len(batch["pixels"]) / (time.perf_counter() - tick))
+    return statistics.median(rates[args.warmup:] or rates)
 
 
 if __name__ == "__main__":

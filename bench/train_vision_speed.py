@@ -148,10 +148,12 @@ class PlainLoop:
     """The step without DeepSpeed: same AdamW groups, schedule, clipping and clamp as the trainer."""
 
     def __init__(self, model, cfg, total: int, text_fn=None, forward=None) -> None:
-        from llm2clip.train.engine import build_optimizer
+        from llm2clip.train.optim import build_optimizer
 
         self.model, self.cfg, self.text_fn, self.forward = model, cfg, text_fn, forward or model
-        self.optimizer, self.scheduler = build_optimizer(model, cfg, total_steps=total)
+        groups = model.param_groups(cfg.lr, cfg.weight_decay, cfg.layer_decay)
+        self.optimizer, self.scheduler = build_optimizer(groups, lr=cfg.lr, total_steps=total,
+                                                         warmup=cfg.warmup_steps, schedule=cfg.schedule)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.wall: list[float] = []
         self.cpu: list[float] = []
@@ -164,8 +166,8 @@ class PlainLoop:
         self.mm.append(mm_flops())
         wall, cpu = time.perf_counter(), time.process_time()
         text = self.text_fn(batch) if self.text_fn else batch["text"]
-        image_features, text_features, scale = self.forward(batch["pixels"], text)
-        loss = clip_loss(image_features, text_features, scale, gather=False)
+        out = self.forward(batch["pixels"], text)
+        loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"], gather=False)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.gradient_clipping)
@@ -220,7 +222,9 @@ def two_tower(batch: int):
 
     def forward(pixels, _text):
         out = clip(input_ids=ids, pixel_values=pixels)
-        return out.image_embeds, out.text_embeds, clip.logit_scale.exp()  # HF normalises both
+        # HF normalises both; the keys of LLM2CLIPModel's output
+        return {"image_features": out.image_embeds, "text_features": out.text_embeds,
+                "logit_scale": clip.logit_scale.exp()}
 
     clip.param_groups = lambda lr, wd, ld=1.0: [{"params": list(clip.parameters()), "lr": lr, "weight_decay": wd}]
     return clip, forward

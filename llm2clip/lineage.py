@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm2clip.contracts import has_manifest, read_manifest, rerun
 from llm2clip.io import StageError, dir_fingerprint, is_remote, s3_filesystem
 
 MODEL_CONFIG_FILE = "llm2clip_config.json"
@@ -30,11 +31,6 @@ MODEL_CONFIG_FILE = "llm2clip_config.json"
 import (and so, for DVC, depend on) the vision package; a test keeps the two equal."""
 
 log = logging.getLogger(__name__)
-
-
-def rerun(stage: str) -> str:
-    """How to re-run ``stage``, under DVC and under KFP (the tail of every lineage message)."""
-    return f"re-run `dvc repro {stage}` (KFP: the {stage} task)"
 
 
 def _short(fingerprint: str | None) -> str:
@@ -96,13 +92,13 @@ def check_caption_encoder_dir(caption_encoder: str, source: str) -> None:
     from llm2clip.text.encoder import SETTINGS_FILE
 
     root = Path(source)
-    if is_remote(source) or not (root / "manifest.json").is_file():
+    if is_remote(source) or not has_manifest(root):
         return
-    manifest = json.loads((root / "manifest.json").read_text())
-    stage = manifest.get("stage")
-    if stage != "caption_contrastive":
-        raise StageError(f"caption_encoder {caption_encoder} is a {stage!r} output, not a caption encoder: pass "
-                         f"the caption_contrastive output; {rerun('caption_contrastive')} if there is none")
+    try:
+        manifest = read_manifest("caption_contrastive", root)  # its contract: stage and format
+    except StageError as err:
+        given = "" if str(caption_encoder) == str(source) else f" {caption_encoder}"
+        raise StageError(f"caption_encoder{given}: {err}") from None
     settings = root / SETTINGS_FILE
     if not settings.is_file():
         raise StageError(f"caption_encoder {caption_encoder} has no {SETTINGS_FILE}: its pooling, attention, "

@@ -95,10 +95,9 @@ def run_task(stage: str, common: dict, config: dict, *, inputs: dict[str, Any], 
 def _mirror_manifest(uri: str, local: Path, endpoint_url: str) -> None:
     """Copy the output's manifest into the task's local output folder (the same bytes KFP then
     uploads to the same key), so KFP's own upload of ``.path`` finds a folder and changes nothing."""
-    from llm2clip.io import read_manifest
+    from llm2clip.contracts import mirror_manifest
 
-    local.mkdir(parents=True, exist_ok=True)
-    (local / "manifest.json").write_text(json.dumps(read_manifest(uri, endpoint_url), indent=2, sort_keys=True))
+    mirror_manifest(uri, local, endpoint_url)
 
 
 def publish_report(report: Any, common: dict, *, metrics: Any, html: Any, markdown: Any) -> None:

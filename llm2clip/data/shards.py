@@ -23,12 +23,13 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from llm2clip.io import StageError, atomic_path, is_remote, read_manifest, s3_filesystem, sha256_file
+from llm2clip.contracts import contract, read_manifest
+from llm2clip.io import StageError, atomic_path, is_remote, s3_filesystem, sha256_file
 
 STAGE = "prepare_data"
-FORMAT_VERSION = 1
+FORMAT_VERSION = contract(STAGE).format_version
 SPLITS = ("train", "val")
 
 
@@ -134,18 +135,14 @@ class PreparedSample:
 def load_manifest(
     directory: str, endpoint_url: str = "", caption_fields: tuple[str, ...] | None = None
 ) -> dict[str, Any]:
-    """Read and check a prepare_data manifest (stage, format, required caption fields).
+    """Read and check a prepare_data manifest (its contract, then the caption fields needed).
 
     Raises:
-        StageError: no manifest (the stage has not finished), another stage's output, or
-            a caption field the caller needs is missing.
+        StageError: no manifest (the stage has not finished), another stage's output, another
+            format (:func:`llm2clip.contracts.read_manifest`), or a caption field the caller
+            needs is missing.
     """
-    manifest = read_manifest(directory, endpoint_url)
-    if manifest.get("stage") != STAGE or manifest.get("format_version") != FORMAT_VERSION:
-        raise StageError(
-            f"{directory} is not a prepare_data v{FORMAT_VERSION} output (stage "
-            f"{manifest.get('stage')!r}, format {manifest.get('format_version')!r}); rerun prepare_data"
-        )
+    manifest = read_manifest(STAGE, directory, endpoint_url)
     missing = [f for f in caption_fields or () if f not in manifest["caption_fields"]]
     if missing:
         raise StageError(
@@ -182,6 +179,42 @@ def verify_shards(directory: str, manifest: dict[str, Any], endpoint_url: str = 
                 )
 
 
+def iter_groups(stream: IO[bytes], wanted: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The one reader of the tars this project writes (prepared shards, embedding sidecars):
+    consecutive members grouped by webdataset key (file name up to the first dot).
+
+    Why not ``webdataset``'s own reader (which training does use, for shuffling): this one reads
+    one sequential pass over any byte stream (a file, an fsspec S3 stream, or a
+    :class:`~llm2clip.data.sidecars.HashingReader` that checks the shard's sha256 in the same
+    pass), skips the members it does not want without keeping them (``wanted=set()``: keys only,
+    for alignment checks), keeps extensions as written (``short.npy``), and lets the caller walk
+    an image shard and its sidecar in lockstep, key by key
+    (:func:`~llm2clip.data.sidecars.iter_shard_pair`). Untrusted input tars (a ``webdataset``
+    source of prepare_data) go through the hardened reader in :mod:`llm2clip.data.sources` instead.
+
+    Args:
+        stream: A tar byte stream, read sequentially.
+        wanted: Extensions whose bytes are kept (None: all); the others are skipped unread.
+
+    Yields:
+        ``(key, {extension: bytes})`` in file order.
+    """
+    key, parts = None, {}
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            k, _, ext = name.partition(".")
+            if k != key and key is not None:
+                yield key, parts
+                parts = {}
+            key = k
+            parts[ext] = tar.extractfile(member).read() if wanted is None or ext in wanted else b""
+    if key is not None:
+        yield key, parts
+
+
 def iter_samples(
     directory: str, split: str, *, endpoint_url: str = "", manifest: dict[str, Any] | None = None,
     decode: bool = True,
@@ -192,16 +225,10 @@ def iter_samples(
     manifest = manifest or load_manifest(directory, endpoint_url)
     fs = s3_filesystem(endpoint_url) if is_remote(directory) else None
     for path in shard_paths(directory, split, manifest):
-        stream = fs.open(path, "rb") if fs else open(path, "rb")
-        with stream as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            parts: dict[str, bytes] = {}
-            for member in tar:
-                key, ext = member.name.rsplit(".", 1)
-                parts[ext] = tar.extractfile(member).read()
-                if "jpg" in parts and "json" in parts:
-                    image = Image.open(io.BytesIO(parts["jpg"])).convert("RGB") if decode else parts["jpg"]
-                    yield PreparedSample(key, image, json.loads(parts["json"]))
-                    parts = {}
+        with fs.open(path, "rb") if fs else open(path, "rb") as f:
+            for key, parts in iter_groups(f, {"jpg", "json"}):
+                image = Image.open(io.BytesIO(parts["jpg"])).convert("RGB") if decode else parts["jpg"]
+                yield PreparedSample(key, image, json.loads(parts["json"]))
 
 
 def enable_s3_for_webdataset(endpoint_url: str = "") -> None:

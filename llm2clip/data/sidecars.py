@@ -21,7 +21,6 @@ import hashlib
 import io
 import itertools
 import json
-import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,13 +28,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from llm2clip.data.shards import PreparedSample, ShardWriter, load_manifest
-from llm2clip.io import StageError, atomic_write_json, is_remote, read_manifest, s3_filesystem, sha256_file
+from llm2clip.contracts import contract, read_manifest, rerun
+from llm2clip.data.shards import PreparedSample, ShardWriter, iter_groups, load_manifest
+from llm2clip.io import StageError, atomic_write_json, is_remote, s3_filesystem, sha256_file
 
 STAGE = "embed_captions"
-FORMAT_VERSION = 1
+FORMAT_VERSION = contract(STAGE).format_version
 SUFFIX = "_text_embeddings"
-RERUN = "re-run `dvc repro embed_captions` (KFP: the embed_captions task)"
+RERUN = rerun(STAGE)
 
 
 def sidecar_name(shard: str) -> str:
@@ -79,32 +79,6 @@ class HashingReader:
         while self.read(1 << 20):
             pass
         return self.digest.hexdigest()
-
-
-def iter_groups(stream: IO[bytes], wanted: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive tar members by webdataset key (name up to the first dot).
-
-    Args:
-        stream: A tar byte stream, read sequentially.
-        wanted: Extensions whose bytes are kept (None: all); the others are skipped unread.
-
-    Yields:
-        ``(key, {extension: bytes})`` in file order.
-    """
-    key, parts = None, {}
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            k, _, ext = name.partition(".")
-            if k != key and key is not None:
-                yield key, parts
-                parts = {}
-            key = k
-            parts[ext] = tar.extractfile(member).read() if wanted is None or ext in wanted else b""
-    if key is not None:
-        yield key, parts
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -291,13 +265,7 @@ def verify_sidecars(data_dir: str, embeddings_dir: str, expected_fingerprint: st
     Raises:
         StageError: saying what differs and what to re-run.
     """
-    try:
-        emb = read_manifest(embeddings_dir, endpoint_url)
-    except StageError as err:
-        raise StageError(f"{err}; {RERUN}") from err
-    if emb.get("stage") != STAGE or emb.get("format_version") != FORMAT_VERSION:
-        raise StageError(f"{embeddings_dir} is not an embed_captions v{FORMAT_VERSION} output "
-                         f"(stage {emb.get('stage')!r}, format {emb.get('format_version')!r}); {RERUN}")
+    emb = read_manifest(STAGE, embeddings_dir, endpoint_url)  # its contract: stage, format, fields
     made_with = emb["encoder"]["fingerprint"]
     if expected_fingerprint is not None and made_with != expected_fingerprint:
         raise StageError(f"embeddings were made with encoder {made_with} but caption_encoder is "
@@ -383,7 +351,9 @@ def write_zeroshot(out: Path, name: str, classnames: list[str], templates: list[
 
 def build_manifest(identity: dict[str, Any], markers: list[dict[str, Any]], zeroshot: dict[str, Any],
                    **provenance: Any) -> dict[str, Any]:
-    """The embeddings ``manifest.json`` (what :func:`verify_sidecars` and later stages read).
+    """The embeddings ``manifest.json`` body (what :func:`verify_sidecars` and later stages read).
+
+    Written by the stage through :func:`llm2clip.contracts.write_manifest`.
 
     Args:
         identity: fingerprint, dtype, normalized, caption_fields, precision, format_version.

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from llm2clip import contracts
 from llm2clip.data.sidecars import iter_lockstep
 from llm2clip.eval.retrieval import clip_metrics, multi_caption_metrics, recall_curve
 from llm2clip.eval.zeroshot import class_embeddings, zeroshot_metrics
-from llm2clip.io import StageError, is_remote, read_manifest, s3_filesystem
+from llm2clip.io import StageError, is_remote, s3_filesystem
 from llm2clip.lineage import rerun
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def embed_set(model: Any, data: str, embeddings: str, split: str, *, batch_size:
 
 def _attach_zeroshot(out: EmbeddedSet, model: Any, embeddings: str, split: str,
                      endpoint_url: str) -> None:
-    entry = read_manifest(embeddings, endpoint_url).get("zeroshot", {}).get(split)
+    entry = contracts.read_manifest("embed_captions", embeddings, endpoint_url).get("zeroshot", {}).get(split)
     if not entry or not any(label is not None for label in out.labels):
         return
     base = str(embeddings).rstrip("/")

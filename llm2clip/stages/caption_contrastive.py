@@ -7,7 +7,6 @@ started again with the same config resumes from its last checkpoint (``<output>.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -23,12 +22,14 @@ from llm2clip.text.cra import caption_retrieval_accuracy
 from llm2clip.text.data import read_splits
 from llm2clip.text.encoder import SETTINGS_FILE, CaptionEncoder, EncoderSettings
 from llm2clip.text.loading import load_model, load_tokenizer, resolve_model
-from llm2clip.tracking import Tracker, stage_run
+from llm2clip.tracking import Tracker
 from llm2clip.train import checkpoint
-from llm2clip.train.distributed import DistContext, init_distributed
+from llm2clip.train.distributed import DistContext, run_on_every_rank
+from llm2clip.train.precision import resolve_precision
 
 STAGE = "caption_contrastive"
 CRA_BEFORE = "cra_before.json"
+MNTP_LOSSES = "mntp_losses.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,20 +53,13 @@ def run(cfg: CaptionContrastiveConfig, common: CommonConfig, *, data: str, capti
         pipeline_run_id: str = "") -> CaptionContrastiveResult:
     """Tune ``cfg.model`` on the captions in ``data``; write the encoder to ``caption_encoder``."""
     started = time.monotonic()
-    ctx = init_distributed()
-    try:
-        tracking = (stage_run(STAGE, cfg, common, inputs={"data": data}, pipeline_run_id=pipeline_run_id)
-                    if ctx.is_main else contextlib.nullcontext(Tracker()))
-        with tracking as tracker:
-            result = [_run(cfg, common, ctx, tracker, data, caption_encoder, started)]
-        if ctx.world_size > 1:
-            torch.distributed.broadcast_object_list(result, src=0)  # rank 0 knows CRA after
-        return result[0]
-    finally:
-        ctx.shutdown()
+    return run_on_every_rank(STAGE, cfg, common, inputs={"data": data}, pipeline_run_id=pipeline_run_id,
+                             body=lambda ctx, tracker: _run(cfg, common, ctx, tracker, data, caption_encoder,
+                                                            started))
 
 
-def _backbone(cfg, source: str, store: checkpoint.CheckpointStore, texts: list[str], seed: int, ctx: DistContext):
+def _backbone(cfg, source: str, store: checkpoint.CheckpointStore, texts: list[str], seed: int, precision: str,
+              ctx: DistContext):
     """The model to tune: the base model, or (mntp_steps > 0) the base model after MNTP."""
     ckpt_dir = store.local
     mntp_dir = ckpt_dir / "mntp"
@@ -73,15 +67,24 @@ def _backbone(cfg, source: str, store: checkpoint.CheckpointStore, texts: list[s
         from llm2clip.text.mntp import train_mntp
 
         lm = load_model(source, causal_lm=True, attn_implementation=cfg.attn_implementation)
-        backbone = train_mntp(lm, load_tokenizer(source), texts, cfg, seed=seed, ctx=ctx).base_model
+        merged, losses = train_mntp(lm, load_tokenizer(source), texts, cfg, seed=seed, precision=precision,
+                                    ctx=ctx)
+        backbone = merged.base_model
         if ctx.is_main:  # kept, so a resumed run does not redo MNTP
             backbone.save_pretrained(ckpt_dir / "tmp-mntp")
+            atomic_write_json(ckpt_dir / "tmp-mntp" / MNTP_LOSSES, losses)
             (ckpt_dir / "tmp-mntp").rename(mntp_dir)
             store.push("mntp")
         ctx.barrier()
         return backbone
     path = str(mntp_dir) if cfg.mntp_steps else source
     return load_model(path, attn_implementation=cfg.attn_implementation)
+
+
+def _mntp_losses(store: checkpoint.CheckpointStore) -> list[float]:
+    """The MNTP loss per step, kept beside the MNTP weights (empty when MNTP is off)."""
+    path = store.local / "mntp" / MNTP_LOSSES
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def _cra(encoder, images, common, cfg, store: checkpoint.CheckpointStore | None = None) -> dict[str, float]:
@@ -98,6 +101,10 @@ def _cra(encoder, images, common, cfg, store: checkpoint.CheckpointStore | None 
 
 def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str, started: float):
     seed = common.seed + cfg.seed_offset
+    try:
+        precision = resolve_precision(cfg.precision, ctx.device)
+    except ValueError as err:
+        raise StageError(f"{STAGE}.precision: {err}") from err
     splits = read_splits(data, caption_fields=common.caption_fields, endpoint_url=common.s3_endpoint_url)
     train_images, val_images = splits["train"], splits["val"]
     if not val_images:
@@ -122,7 +129,7 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str
     )
     torch.manual_seed(seed)
     texts = [c for image in train_images for _, c in image.flat(common.caption_fields)]
-    backbone = _backbone(cfg, source, store, texts, seed, ctx).to(ctx.device)
+    backbone = _backbone(cfg, source, store, texts, seed, precision, ctx).to(ctx.device)
     encoder = CaptionEncoder(backbone, load_tokenizer(source), settings)
     before = _cra(encoder, val_images, common, cfg, store) if ctx.is_main else {}
     ctx.barrier()
@@ -131,7 +138,7 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str
     encoder.model = contrastive.add_lora(encoder.model, cfg, cfg.gradient_checkpointing)
     try:
         outcome = contrastive.train(encoder, train_images, cfg, caption_fields=common.caption_fields,
-                                    seed=seed, ckpt_dir=store, ctx=ctx,
+                                    seed=seed, precision=precision, ckpt_dir=store, ctx=ctx,
                                     on_log=lambda step, metrics: tracker.log_metrics(metrics, step))
     except ValueError as err:
         raise StageError(str(err)) from err
@@ -152,7 +159,8 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str
             "training": {"steps": outcome.steps, "resumed_from": outcome.resumed_from,
                          "world_size": ctx.world_size, "global_batch": cfg.batch_size * ctx.world_size,
                          "mntp_steps": cfg.mntp_steps, "loop_wall_time_s": outcome.wall_time_s,
-                         "precision": "bf16" if contrastive.use_bf16(cfg.precision, ctx.device) else "fp32"},
+                         "losses": outcome.losses, "mntp_losses": _mntp_losses(store),
+                         "precision": precision},
             "wall_time_s": result.wall_time_s,
             "probe": probe_embeddings(encoder, val_images, common.caption_fields),
         }

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip.config import CommonConfig, EmbedCaptionsConfig, config_hash
+from llm2clip.contracts import write_manifest
 from llm2clip.data import sidecars
 from llm2clip.data.shards import load_manifest
 from llm2clip.eval.zeroshot import DEFAULT_TEMPLATES, build_prompts
-from llm2clip.io import atomic_write_json, dir_fingerprint, output_dir
+from llm2clip.io import StageError, dir_fingerprint, output_dir
 from llm2clip.lineage import check_caption_encoder_dir
 from llm2clip.text import embed
 from llm2clip.text.loading import resolve_model
@@ -50,12 +51,21 @@ class EmbedCaptionsResult:
 
 
 def _device(cfg: EmbedCaptionsConfig) -> tuple[str, str]:
-    """``(device, precision)`` with ``auto`` resolved: CUDA + bf16 when there is a GPU."""
+    """``(device, precision)`` with ``auto`` resolved: CUDA when there is a GPU, and the precision
+    of :func:`llm2clip.train.precision.resolve_precision` (bf16 where the GPU has it).
+
+    Raises:
+        StageError: a precision the device has not (bf16 on an old GPU, fp16 on CPU).
+    """
     import torch
 
+    from llm2clip.train.precision import resolve_precision
+
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
-    return device, precision
+    try:
+        return device, resolve_precision(cfg.precision, torch.device(device))
+    except ValueError as err:
+        raise StageError(f"embed_captions.precision: {err}") from err
 
 
 def _options(cfg: EmbedCaptionsConfig, common: CommonConfig, source: str, out: Path, identity: dict):
@@ -164,7 +174,7 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
             seconds = time.monotonic() - started
             zeroshot = _write_zeroshot(out, zs, prompt_vectors, cfg, identity)
             body = _manifest(cfg, common, data, source, identity, made + kept, zeroshot, endpoint)
-            atomic_write_json(out / "manifest.json", body)  # last: the commit mark
+            body = write_manifest(STAGE, out, body)  # last: the commit mark
             tracker.log_artifact(out / "manifest.json")
         metrics = _metrics(made, len(kept), seconds, len(prompts))
         tracker.log_metrics(metrics)

@@ -15,9 +15,10 @@ from typing import Any
 
 from llm2clip import lineage, tracking
 from llm2clip.config import CommonConfig, EvaluateConfig, config_hash
+from llm2clip.contracts import write_manifest
 from llm2clip.eval.harness import PROTOCOL, embed_set, set_metrics
 from llm2clip.eval.report import ReportSection, write_metrics_json, write_recall_plots, write_report
-from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, output_dir
+from llm2clip.io import StageError, dir_fingerprint, output_dir
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,8 @@ def run(cfg: EvaluateConfig, common: CommonConfig, *, data: str, embeddings: str
                 "protocol": PROTOCOL, "caption encoder": encoder[:16],
                 **{f"{k} sha256": v[:16] for k, v in fingerprints.items()}}
         write_report(out / "report.md", out / "report.html", sections, meta=meta)
-        atomic_write_json(out / "manifest.json", {
-            "stage": "evaluate", "format_version": 1, "config_hash": config_hash(common, cfg),
+        write_manifest("evaluate", out, {
+            "config_hash": config_hash(common, cfg),
             "primary_metric": cfg.primary_metric, "primary": primary, "min_primary": cfg.min_primary,
             "gate_passed": gate, "protocol": PROTOCOL, "inputs": fingerprints,
             "eval_sets": [s.name for s in cfg.eval_sets], "metrics": "metrics.json",

@@ -15,10 +15,11 @@ from typing import Any
 
 from llm2clip import tracking
 from llm2clip.config import CommonConfig, PrepareDataConfig, config_hash
+from llm2clip.contracts import write_manifest
 from llm2clip.data import collect, quality, report
 from llm2clip.data.shards import invalidate
 from llm2clip.data.sources import check_caption_mapping, open_source
-from llm2clip.io import atomic_write_json, output_dir
+from llm2clip.io import output_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def run(
             # pass 2: shards, then the manifest as the commit mark
             shards = collect.write_shards(out, kept, spill, cfg, common)
             manifest = report.manifest(cfg, common, counts, shards, kept, checked)
-            atomic_write_json(out / "manifest.json", manifest)
+            write_manifest("prepare_data", out, manifest)
             tracker.log_artifact(out / "manifest.json")
         n_shards = sum(len(v) for v in shards.values())
         tracker.log_metrics({"shards": n_shards, "seconds": time.monotonic() - start})

@@ -18,7 +18,8 @@ from typing import Any
 
 from llm2clip import lineage, tracking
 from llm2clip.config import CommonConfig, RegisterConfig, config_hash
-from llm2clip.io import StageError, atomic_write_json, is_remote, output_dir, read_manifest, s3_filesystem
+from llm2clip.contracts import read_manifest, write_manifest
+from llm2clip.io import StageError, atomic_write_json, is_remote, output_dir, s3_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def run(cfg: RegisterConfig, common: CommonConfig, *, vision_model: str, caption
     if not common.tracking:
         raise StageError("register needs MLflow: set common.tracking: true (and a tracking URI)")
     endpoint = common.s3_endpoint_url
-    evaluation = read_manifest(report, endpoint)
+    evaluation = read_manifest("evaluate", report, endpoint)
     lineage.check_report_for_model(report, evaluation, vision_model, endpoint)
     lineage.check_encoder_for_model(caption_encoder, lineage.read_model_lineage(vision_model, endpoint),
                                     report, evaluation)
@@ -88,8 +89,8 @@ def run(cfg: RegisterConfig, common: CommonConfig, *, vision_model: str, caption
         atomic_write_json(out / "registration.json", record)
         tracker.set_tags({"llm2clip.registered_model": f"{result.name}/{result.version}"})
         tracker.log_metrics({"promoted": float(result.promoted), "reused": float(result.reused)})
-        atomic_write_json(out / "manifest.json", {
-            "stage": "register", "format_version": 1, "model_uri": result.model_uri, "alias": list(result.aliases),
+        write_manifest("register", out, {
+            "model_uri": result.model_uri, "alias": list(result.aliases),
             "version": result.version, "promoted": result.promoted, "reused": result.reused,
             "metrics": {evaluation["primary_metric"]: result.metric}, "champion_uri": record["champion_uri"],
             "reason": result.reason,

@@ -10,7 +10,6 @@ with the same config continues from its newest checkpoint (``resume: latest``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
@@ -20,11 +19,11 @@ import torch
 
 from llm2clip.config import CommonConfig, TrainVisionConfig
 from llm2clip.io import StageError, output_dir
-from llm2clip.tracking import Tracker, stage_run
+from llm2clip.stages import train_vision_io as artifacts
+from llm2clip.tracking import Tracker
 from llm2clip.train import checkpoint, vision_data, vision_trainer
-from llm2clip.train import vision_artifacts as artifacts
-from llm2clip.train.distributed import DistContext, init_distributed
-from llm2clip.train.engine import resolve_precision
+from llm2clip.train.distributed import DistContext, run_on_every_rank
+from llm2clip.train.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 STAGE = "train_vision"
@@ -59,18 +58,9 @@ def run(cfg: TrainVisionConfig, common: CommonConfig, *, data: str, embeddings: 
             a precision the hardware has not.
     """
     started = time.monotonic()
-    ctx = init_distributed()
-    try:
-        inputs = {"data": data, "embeddings": embeddings}
-        tracking = (stage_run(STAGE, cfg, common, inputs=inputs, pipeline_run_id=pipeline_run_id)
-                    if ctx.is_main else contextlib.nullcontext(Tracker()))
-        with tracking as tracker:
-            result = [_run(cfg, common, ctx, tracker, data, embeddings, vision_model, started)]
-        if ctx.world_size > 1:
-            torch.distributed.broadcast_object_list(result, src=0)  # rank 0 measured val R@1
-        return result[0]
-    finally:
-        ctx.shutdown()
+    return run_on_every_rank(
+        STAGE, cfg, common, inputs={"data": data, "embeddings": embeddings}, pipeline_run_id=pipeline_run_id,
+        body=lambda ctx, tracker: _run(cfg, common, ctx, tracker, data, embeddings, vision_model, started))
 
 
 def _batches(cfg: TrainVisionConfig, inputs: artifacts.Inputs, model, seed: int, ctx: DistContext,
@@ -114,10 +104,12 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, embeddings:
     if ctx.is_main:
         exported = vision_trainer.export_model(model, outcome.params)
         val = artifacts.validate(exported, inputs, cfg, endpoint)
-        with output_dir(out_url, endpoint) as out:  # checkpoints are in <out>/checkpoints already
+        kept = checkpoint.latest_tag(ckpt_dir.local) if cfg.keep_checkpoints else None
+        if not cfg.keep_checkpoints:
+            ckpt_dir.remove()  # keep_checkpoints: 0 -> none stay after a successful run
+        with output_dir(out_url, endpoint) as out:  # kept checkpoints are in <out>/checkpoints already
             metrics = artifacts.write_outputs(out, exported, outcome, val, plan, inputs, cfg, common,
-                                              ctx.world_size, time.monotonic() - started,
-                                              checkpoint.latest_tag(ckpt_dir.local))
+                                              ctx.world_size, time.monotonic() - started, kept)
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                 step=outcome.steps)
             for name in ("training_curve.png", "metrics.json", "llm2clip_config.json", "manifest.json"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llm2clip.contracts import remove_manifest, write_manifest
 from llm2clip.io import atomic_write_json, sha256_file
 from llm2clip.text.cra import CRA_PROTOCOL
 from llm2clip.text.data import ImageCaptions
@@ -47,14 +48,15 @@ def write_encoder_dir(out: Path, encoder: CaptionEncoder, losses: list[float], r
     """Model + tokenizer + settings, ``training_curve.png``, ``metrics.json``, then the manifest.
 
     ``manifest`` gets ``settings``, ``settings_file``, ``embedding_dim``, ``cra_protocol`` and the
-    sha256 of every file added; it is written last, so a dir without it is unfinished.
+    sha256 of every file added; it is written last (:func:`llm2clip.contracts.write_manifest`,
+    which stamps ``stage`` and ``format_version``), so a dir without it is unfinished.
     """
-    (out / "manifest.json").unlink(missing_ok=True)
+    remove_manifest(out)
     encoder.save_pretrained(out)
     save_loss_curve(losses, out / "training_curve.png", resumed_from)
     atomic_write_json(out / "metrics.json", metrics)
     files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    atomic_write_json(out / "manifest.json", {
+    write_manifest("caption_contrastive", out, {
         **manifest, "settings_file": SETTINGS_FILE, "settings": encoder.settings.to_dict(),
         "embedding_dim": encoder.dim, "cra_protocol": CRA_PROTOCOL, "files": files,
     })

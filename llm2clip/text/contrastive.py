@@ -14,25 +14,23 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from llm2clip.config import CaptionContrastiveConfig
+from llm2clip.hf import set_activation_checkpointing
 from llm2clip.losses import caption_contrastive_loss
 from llm2clip.text.data import ImageCaptions
 from llm2clip.text.encoder import CaptionEncoder
 from llm2clip.train import checkpoint
 from llm2clip.train.distributed import DistContext, all_reduce_mean
+from llm2clip.train.engine import build_engine, full_fp32_parameters
+from llm2clip.train.loop import StepLoop, step_seed
+from llm2clip.train.optim import trainable_groups
 
 log = logging.getLogger(__name__)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of one (step, rank): data order and dropout derive from it, nothing else."""
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
 
 
 class PairSampler:
@@ -76,13 +74,6 @@ class PairSampler:
         return queries, positives, negatives
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """``auto``: bf16 where the hardware has it (CUDA with bf16), else fp32."""
-    if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
-
-
 def _last_layers(model: torch.nn.Module, count: int) -> dict:
     """peft arguments that put the LoRA only into the last ``count`` transformer layers."""
     total = int(model.config.num_hidden_layers)
@@ -98,7 +89,7 @@ def add_lora(model: torch.nn.Module, cfg: CaptionContrastiveConfig, gradient_che
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model)
         model.config.use_cache = False
     kwargs = cfg.lora_kwargs()
     if cfg.lora_layers:
@@ -117,15 +108,12 @@ def merge_lora(peft_model: torch.nn.Module) -> torch.nn.Module:
     Under bf16 the exact weights live in DeepSpeed's fp32 master copy, so those are copied in
     first (a collective under ZeRO: every rank must call this in step).
     """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    masters = {name: safe_get_full_fp32_param(p) for name, p in peft_model.named_parameters()
-               if p.requires_grad}
+    masters = full_fp32_parameters(peft_model, trainable_only=True)
     peft_model.float()
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if masters.get(name) is not None:
-                p.copy_(masters[name].to(p.device, torch.float32))
+            if name in masters:
+                p.copy_(masters[name].to(p.device))
     return peft_model.merge_and_unload()
 
 
@@ -174,8 +162,8 @@ def _embed_step(engine, encoder: CaptionEncoder, sampler: PairSampler, step: int
 
 
 def train(encoder: CaptionEncoder, images: list[ImageCaptions], cfg: CaptionContrastiveConfig, *,
-          caption_fields: tuple[str, ...], seed: int, ckpt_dir: checkpoint.CheckpointStore | None,
-          ctx: DistContext,
+          caption_fields: tuple[str, ...], seed: int, precision: str,
+          ckpt_dir: checkpoint.CheckpointStore | None, ctx: DistContext,
           on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainOutcome:
     """Train ``encoder.model`` (a peft LoRA model) in place through DeepSpeed; every rank calls it.
 
@@ -185,47 +173,36 @@ def train(encoder: CaptionEncoder, images: list[ImageCaptions], cfg: CaptionCont
         cfg: Stage config (batch, lr, warmup, steps, scale, DeepSpeed, checkpoints).
         caption_fields: Caption order (``common.caption_fields``).
         seed: Base seed for data order and dropout.
+        precision: Resolved precision (:func:`llm2clip.train.precision.resolve_precision`).
         ckpt_dir: Checkpoint store (prepared with ``checkpoint.prepare_dir``), or None for none.
         ctx: The distributed context.
-        on_log: Called on rank 0 every ``cfg.log_every`` steps with ``(step, metrics)``.
+        on_log: Called on rank 0 every ``cfg.log_every`` steps with ``(step, window averages)``
+            of ``train_loss`` and ``lr``.
 
     Returns:
         The loss curve and step counts.
     """
-    from tqdm.auto import tqdm
-
     sampler = PairSampler([i.flat(caption_fields) for i in images], cfg.batch_size, ctx.world_size, seed)
-    engine = checkpoint.build_engine(
-        encoder, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-        max_steps=cfg.max_steps, ds_config=cfg.deepspeed_config(bf16=use_bf16(cfg.precision, ctx.device)),
-    )
+    engine = build_engine(encoder, trainable_groups(encoder, cfg.weight_decay), cfg, world_size=ctx.world_size,
+                          precision=precision, total_steps=cfg.max_steps, schedule="linear")
     outcome = TrainOutcome()
-    if ckpt_dir is not None and (state := checkpoint.load_latest(engine, ckpt_dir.local)) is not None:
+    loop = StepLoop(engine, "caption_contrastive", cfg.max_steps, cfg, ctx, ckpt_dir,
+                    on_log and (lambda step, m: on_log(step, {"train_loss": m["loss"], "lr": m["lr"]})))
+    state = loop.resume(ckpt_dir.local if ckpt_dir is not None else None)
+    if state:
         outcome.losses = list(state["losses"])
-        outcome.resumed_from = outcome.steps = int(state["step"])
-        log.info("resuming at step %d of %d", outcome.steps + 1, cfg.max_steps)
-    engine.train()
-    started = time.monotonic()
-    bar = tqdm(total=cfg.max_steps, initial=outcome.steps, desc="caption_contrastive", unit="step",
-               disable=not ctx.is_main, mininterval=2.0)
-    for step in range(outcome.steps + 1, cfg.max_steps + 1):
-        torch.manual_seed(step_seed(seed, step, ctx.rank))  # dropout of this step, resumable
-        parts = _embed_step(engine, encoder, sampler, step, ctx.rank, cfg.instruction, cfg.hard_negatives)
-        loss = caption_contrastive_loss(*parts, scale=cfg.scale)
-        engine.backward(loss)
-        engine.step()
-        mean_loss = float(all_reduce_mean(loss.detach()))
-        outcome.losses.append(mean_loss)
-        outcome.steps = step
-        bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if ctx.is_main and on_log is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            on_log(step, {"train_loss": mean_loss, "lr": engine.get_lr()[0]})
-        if ckpt_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
-                and step < cfg.max_steps:
-            checkpoint.save(engine, ckpt_dir, step, {"step": step, "losses": outcome.losses}, ctx)
-    bar.close()
-    outcome.wall_time_s = time.monotonic() - started
+        outcome.resumed_from = outcome.steps = loop.step
+    with loop:
+        for step in range(outcome.steps + 1, cfg.max_steps + 1):
+            torch.manual_seed(step_seed(seed, step, ctx.rank))  # dropout of this step, resumable
+            parts = _embed_step(engine, encoder, sampler, step, ctx.rank, cfg.instruction, cfg.hard_negatives)
+            loss = caption_contrastive_loss(*parts, scale=cfg.scale)
+            engine.backward(loss)
+            engine.step()
+            outcome.losses.append(float(all_reduce_mean(loss.detach())))
+            outcome.steps = step
+            loop.end_step({"loss": outcome.losses[-1], "lr": engine.get_lr()[0]}, lambda: {"losses": outcome.losses})
+    outcome.wall_time_s = loop.wall_time_s
     encoder.model = merge_lora(encoder.model)
     encoder.eval()
     return outcome

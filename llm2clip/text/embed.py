@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from llm2clip.data import sidecars
 from llm2clip.io import StageError, sha256_file
 from llm2clip.text.encoder import SETTINGS_FILE, CaptionEncoder, EncoderSettings
+from llm2clip.train.precision import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def load_encoder(opts: EmbedOptions, worker: int = 0) -> CaptionEncoder:
     device = opts.device
     if device == "cuda":
         device = f"cuda:{worker % max(1, torch.cuda.device_count())}"
-    dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
+    dtype = torch_dtype(opts.precision)
     encoder = CaptionEncoder.from_pretrained(opts.encoder, dtype=dtype, device=device).eval()
     encoder.enable_packed_inference()
     return encoder

@@ -33,6 +33,7 @@ from torch import nn
 from llm2clip.io import atomic_write_json
 from llm2clip.text.loading import load_model, load_tokenizer, model_max_length, resolve_model
 from llm2clip.text.packed import PackedDecoder
+from llm2clip.train.precision import resolve_precision, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,7 @@ class CaptionEncoder(nn.Module):
         if max_length is not None:
             settings = dataclasses.replace(settings, max_length=max_length)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = dtype or torch_dtype(resolve_precision("auto", device))
         model = load_model(resolved, dtype=dtype, attn_implementation=settings.attn_implementation)
         tokenizer = load_tokenizer(resolved)
         settings = settings.with_model_limit(resolved, model.config, tokenizer)

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from llm2clip.config import CaptionContrastiveConfig
-from llm2clip.text.contrastive import add_lora, merge_lora, step_seed, use_bf16
+from llm2clip.text.contrastive import add_lora, merge_lora
 from llm2clip.text.encoder import bidirectional_mask, set_causal
-from llm2clip.train import checkpoint
 from llm2clip.train.distributed import DistContext, all_reduce_mean
+from llm2clip.train.engine import build_engine
+from llm2clip.train.loop import StepLoop, step_seed
+from llm2clip.train.optim import trainable_groups
 
 log = logging.getLogger(__name__)
 
@@ -100,46 +102,46 @@ class _MNTPModel(nn.Module):
 
 
 def train_mntp(causal_lm: nn.Module, tokenizer, texts: list[str], cfg: CaptionContrastiveConfig, *,
-               seed: int, ctx: DistContext) -> nn.Module:
+               seed: int, precision: str, ctx: DistContext) -> tuple[nn.Module, list[float]]:
     """Run ``cfg.mntp_steps`` MNTP steps with a fresh LoRA and return the merged causal LM.
 
     Args:
         causal_lm: An ``AutoModelForCausalLM`` (its LM head scores the masked tokens).
         tokenizer: Its tokenizer (padding handled; pad = eos if missing).
         texts: Training captions.
-        cfg: Stage config (``mntp_*``, LoRA, precision, ``bidirectional``).
+        cfg: Stage config (``mntp_*``, LoRA, ``bidirectional``, the shared training settings).
         seed: Base seed.
+        precision: Resolved precision (:func:`llm2clip.train.precision.resolve_precision`).
         ctx: Distributed context (every rank calls this).
 
     Returns:
-        The causal LM with the MNTP LoRA merged (plain HF model, fp32).
+        The causal LM with the MNTP LoRA merged (plain HF model, fp32), and the mean loss over
+        ranks of every step.
     """
-    from tqdm.auto import tqdm
-
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.bidirectional:
         set_causal(causal_lm, False)
     model = _MNTPModel(add_lora(causal_lm, cfg, cfg.gradient_checkpointing), cfg.bidirectional)
-    bf16 = use_bf16(cfg.precision, ctx.device)
-    engine = checkpoint.build_engine(
-        model, lr=cfg.mntp_lr, weight_decay=cfg.weight_decay,
-        warmup_steps=min(cfg.warmup_steps, cfg.mntp_steps),
-        max_steps=cfg.mntp_steps, ds_config=cfg.deepspeed_config(bf16=bf16, batch_size=cfg.mntp_batch_size),
-    )
+    engine = build_engine(model, trainable_groups(model, cfg.weight_decay), cfg, world_size=ctx.world_size,
+                          precision=precision, total_steps=cfg.mntp_steps, schedule="linear", lr=cfg.mntp_lr,
+                          micro_batch=cfg.mntp_batch_size)
     mask_id, vocab = mask_token_id(tokenizer), causal_lm.config.vocab_size
-    engine.train()
     mntp_seed = seed + 17  # its own stream, so MNTP on/off does not change the contrastive data
-    for step in tqdm(range(1, cfg.mntp_steps + 1), desc="mntp", unit="step", disable=not ctx.is_main):
-        torch.manual_seed(step_seed(mntp_seed, step, ctx.rank))
-        loss = engine(**_mntp_batch(tokenizer, texts, cfg, step, ctx.rank, mntp_seed, mask_id, vocab))
-        engine.backward(loss)
-        engine.step()
-        if step % cfg.log_every == 0 or step == cfg.mntp_steps:
-            mean_loss = float(all_reduce_mean(loss.detach()))  # a collective: every rank joins
-            if ctx.is_main:
-                log.info("mntp step %d/%d loss %.4f", step, cfg.mntp_steps, mean_loss)
+    losses: list[float] = []
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        log.info("mntp step %d/%d loss %.4f", step, cfg.mntp_steps, metrics["loss"])
+
+    with StepLoop(engine, "mntp", cfg.mntp_steps, cfg, ctx, on_log=on_log) as loop:
+        for step in range(1, cfg.mntp_steps + 1):
+            torch.manual_seed(step_seed(mntp_seed, step, ctx.rank))
+            loss = engine(**_mntp_batch(tokenizer, texts, cfg, step, ctx.rank, mntp_seed, mask_id, vocab))
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(all_reduce_mean(loss.detach())))  # a collective: every rank joins
+            loop.end_step({"loss": losses[-1]}, dict)
     merged = merge_lora(model.lm)
     if cfg.bidirectional:
         set_causal(merged, True)  # the encoder decides attention again from its settings
-    return merged
+    return merged, losses

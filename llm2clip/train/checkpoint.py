@@ -1,4 +1,4 @@
-"""DeepSpeed engine construction and crash-safe, resumable checkpoints.
+"""Crash-safe, resumable DeepSpeed checkpoints, in a directory or on S3.
 
 Checkpoint layout (one dir per run)::
 
@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llm2clip.io import atomic_write_json, atomic_write_text, is_remote, s3_filesystem
 from llm2clip.train.distributed import DistContext
 
@@ -40,36 +38,6 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 RUN_FILE = "run.json"
-
-
-def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int):
-    """LR factor: 0 -> 1 over ``warmup`` steps, then linearly to 0 at ``total`` (HF "linear")."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def build_engine(model: torch.nn.Module, *, lr: float, weight_decay: float, warmup_steps: int,
-                 max_steps: int, ds_config: dict[str, Any]):
-    """A DeepSpeed engine over the trainable parameters of ``model``.
-
-    The optimizer is a plain ``torch.optim.AdamW`` given to DeepSpeed as a client optimizer, so
-    no fused op is JIT-compiled; the warmup/decay scheduler is stepped (and checkpointed) by it.
-    """
-    import deepspeed
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = linear_warmup_decay(optimizer, min(warmup_steps, max_steps), max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config)
-    return engine
 
 
 @dataclass(frozen=True)

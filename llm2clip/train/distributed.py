@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -181,3 +184,33 @@ def all_gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         return tensor, 0
     sizes = gather_sizes(tensor.shape[0], tensor.device)
     return _GatherWithGrad.apply(tensor, sizes), sum(sizes[: get_rank()])
+
+
+def run_on_every_rank(stage: str, cfg: Any, common: Any, *, inputs: dict[str, str], pipeline_run_id: str,
+                      body: Callable[[DistContext, Any], R]) -> R:
+    """The ``run()`` of a stage that trains on every rank: join (or start) the process group,
+    track on rank 0 only, run ``body(ctx, tracker)`` everywhere, hand rank 0's result to every
+    rank, leave the group.
+
+    Args:
+        stage: The stage name (the MLflow run's name).
+        cfg, common: The stage's config and ``common`` (logged as params on rank 0).
+        inputs: Input name -> location (their lineage is logged).
+        pipeline_run_id: Tag joining the runs of one pipeline run.
+        body: The stage's work; returns the result on rank 0 (other ranks may return None).
+    """
+    import contextlib
+
+    from llm2clip.tracking import Tracker, stage_run
+
+    ctx = init_distributed()
+    try:
+        tracking = (stage_run(stage, cfg, common, inputs=inputs, pipeline_run_id=pipeline_run_id)
+                    if ctx.is_main else contextlib.nullcontext(Tracker()))
+        with tracking as tracker:
+            result = [body(ctx, tracker)]
+        if ctx.world_size > 1:
+            dist.broadcast_object_list(result, src=0)  # rank 0 measured what the result reports
+        return result[0]
+    finally:
+        ctx.shutdown()

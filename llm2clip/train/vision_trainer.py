@@ -1,7 +1,9 @@
-"""The train_vision loop: LLM2CLIP model + CLIP loss through DeepSpeed, open_clip-style logging.
+"""The train_vision step: LLM2CLIP model + a contrastive loss through DeepSpeed.
 
-Every rank calls :func:`train`. Per micro-batch: forward both sides, the gathered-with-grad CLIP
-loss (:func:`llm2clip.losses.clip_loss`), ``engine.backward`` and ``engine.step`` (DeepSpeed
+Every rank calls :func:`train`. Per micro-batch: forward both sides, the loss the model was built
+for (``model.loss``, a name in :data:`llm2clip.losses.LOSSES`: CLIP's gathered-with-grad InfoNCE
+or SigLIP's sigmoid loss; the loop only calls ``loss_fn(**model_out)["loss"]``), ``engine.backward``
+and ``engine.step`` (DeepSpeed
 accumulates, clips, steps the optimizer and the LR schedule at accumulation boundaries). After
 each optimizer step ``logit_scale`` is clamped to ``[0, ln 100]`` (reference). Checkpoints carry
 the step, samples seen and the metric history; the data stream is a pure function of the seed
@@ -25,10 +27,12 @@ from typing import Any
 import torch
 
 from llm2clip.config import TrainVisionConfig
-from llm2clip.losses import clip_loss
+from llm2clip.losses import ContrastiveLoss, create_loss
 from llm2clip.train import checkpoint
 from llm2clip.train import engine as ds_engine
 from llm2clip.train.distributed import DistContext
+from llm2clip.train.loop import StepLoop, step_seed
+from llm2clip.train.precision import torch_dtype
 from llm2clip.vision.model import LOGIT_SCALE_MAX, LLM2CLIPModel
 
 log = logging.getLogger(__name__)
@@ -90,51 +94,19 @@ class TrainOutcome:
     params: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
-def _step_seed(seed: int, micro: int, rank: int) -> int:
-    """Seed of the torch RNG for one micro-batch (drop-path, dropout): resumable by construction."""
-    return (seed * 1_000_003 + micro * 7_919 + rank * 104_729) % (2**63 - 1)
-
-
-class _Window:
-    """Sums between two log points (open_clip's AverageMeter, one per logged value)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, values: dict[str, float]) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-
-    def flush(self) -> dict[str, float]:
-        out = {k: v / max(1, self.count) for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
-        return out
-
-
-def _micro_step(engine, batch: dict[str, Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _micro_step(engine, loss_fn: ContrastiveLoss, batch: dict[str, Any], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
     """Forward + loss + backward + ``engine.step`` of one micro-batch; returns detached
-    ``[loss, i2t_acc, t2i_acc]`` of this rank."""
+    ``[loss, i2t_acc, t2i_acc]`` of this rank (accuracies of its own block of the logits)."""
     pixels = batch["pixels"].to(device, dtype, non_blocking=True)  # (B, 3, S, S)
     text = batch["text"].to(device, non_blocking=True)  # (B, D_llm); the adapter normalises in fp32
-    image_features, text_features, scale = engine(pixels, text)  # (B, E), (B, E), [1]
-    loss, per_image, per_text, labels = clip_loss(image_features, text_features, scale, return_logits=True)
-    engine.backward(loss)
+    out = loss_fn(**engine(pixels, text))
+    engine.backward(out["loss"])
     engine.step()
     with torch.no_grad():
-        i2t = (per_image.argmax(dim=1) == labels).float().mean()
-        t2i = (per_text.argmax(dim=1) == labels).float().mean()
-        return torch.stack([loss.detach(), i2t, t2i]).float()
-
-
-def _resume(engine, source: Path | None, outcome: TrainOutcome) -> None:
-    state = checkpoint.load_latest(engine, source) if source is not None else None
-    if state:
-        outcome.steps = outcome.resumed_from = int(state["step"])
-        outcome.samples_seen = int(state["samples_seen"])
-        outcome.history = {k: list(state["history"].get(k, [])) for k in HISTORY_KEYS}
-        log.info("resuming after step %d (%d samples seen)", outcome.steps, outcome.samples_seen)
+        i2t = (out["logits_per_image"].argmax(dim=1) == out["labels"]).float().mean()
+        t2i = (out["logits_per_text"].argmax(dim=1) == out["labels"]).float().mean()
+        return torch.stack([out["loss"].detach(), i2t, t2i]).float()
 
 
 def train(model: LLM2CLIPModel, cfg: TrainVisionConfig, *, plan: TrainPlan, batches: Batches,
@@ -158,56 +130,53 @@ def train(model: LLM2CLIPModel, cfg: TrainVisionConfig, *, plan: TrainPlan, batc
     Returns:
         The outcome, including the full fp32 parameters.
     """
-    from tqdm.auto import tqdm
-
-    engine = ds_engine.build_engine(model, cfg, world_size=ctx.world_size, total_steps=plan.total_steps,
-                                    precision=plan.precision)
+    engine = ds_engine.build_engine(
+        model, model.param_groups(cfg.lr, cfg.weight_decay, cfg.layer_decay), cfg, world_size=ctx.world_size,
+        precision=plan.precision, total_steps=plan.total_steps, schedule=cfg.schedule,
+        accumulation=plan.accumulation)
+    loss_fn = create_loss(model.loss)
     outcome = TrainOutcome()
-    _resume(engine, resume_from, outcome)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision, torch.float32)
+    loop = StepLoop(engine, "train_vision", plan.total_steps, cfg, ctx, ckpt_dir, on_log)
+    state = loop.resume(resume_from)
+    if state:
+        outcome.steps = outcome.resumed_from = loop.step
+        outcome.samples_seen = int(state["samples_seen"])
+        outcome.history = {k: list(state["history"].get(k, [])) for k in HISTORY_KEYS}
+        log.info("%d samples seen before the resume", outcome.samples_seen)
+    dtype = torch_dtype(plan.precision)
     per_rank = cfg.batch_size * plan.accumulation
-    engine.train()
-    window, started = _Window(), time.monotonic()
-    bar = tqdm(total=plan.total_steps, initial=outcome.steps, desc="train_vision", unit="step",
-               disable=not ctx.is_main, mininterval=2.0)
     micro, step_stats, data_time = outcome.steps * plan.accumulation, [], 0.0
-    tick = step_start = time.perf_counter()
-    for batch in batches(micro, plan.total_steps * plan.accumulation):
-        data_time += time.perf_counter() - tick
-        torch.manual_seed(_step_seed(seed, micro, ctx.rank))
-        step_stats.append(_micro_step(engine, batch, dtype, ctx.device))
-        micro += 1
-        if micro % plan.accumulation:
-            tick = time.perf_counter()
-            continue
-        scale = ds_engine.clamp_logit_scale(engine.module, LOGIT_SCALE_MAX)
-        stats = torch.stack(step_stats).mean(dim=0)
-        if ctx.world_size > 1:  # one small all-reduce per step: mean over ranks
-            torch.distributed.all_reduce(stats)
-            stats /= ctx.world_size
-        loss, i2t, t2i = (float(v) for v in stats)
-        batch_time = time.perf_counter() - step_start
-        outcome.steps += 1
-        outcome.samples_seen += plan.global_batch
-        values = {"loss": loss, "lr": max(engine.get_lr()), "logit_scale": scale, "i2t_acc": i2t,
-                  "t2i_acc": t2i, "samples_per_second": plan.global_batch / batch_time, "data_time": data_time,
-                  "batch_time": batch_time}
-        for key in HISTORY_KEYS:
-            outcome.history[key].append(values[key])
-        window.add(values | {"scale": math.exp(scale), "samples_per_second_per_gpu": per_rank / batch_time})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{values['samples_per_second']:.1f}", refresh=False)
-        if ctx.is_main and on_log is not None and (outcome.steps % cfg.log_every == 0
-                                                   or outcome.steps == plan.total_steps):
-            on_log(outcome.steps, window.flush())
-        if ckpt_dir is not None and (outcome.steps == plan.total_steps or (
-                cfg.checkpoint_every and outcome.steps % cfg.checkpoint_every == 0)):
-            state = {"step": outcome.steps, "samples_seen": outcome.samples_seen, "history": outcome.history}
-            checkpoint.save(engine, ckpt_dir, outcome.steps, state, ctx, keep=cfg.keep_checkpoints)
-        step_stats, data_time = [], 0.0
+    with loop:
         tick = step_start = time.perf_counter()
-    bar.close()
-    outcome.wall_time_s = time.monotonic() - started
+        for batch in batches(micro, plan.total_steps * plan.accumulation):
+            data_time += time.perf_counter() - tick
+            torch.manual_seed(step_seed(seed, micro, ctx.rank))
+            step_stats.append(_micro_step(engine, loss_fn, batch, dtype, ctx.device))
+            micro += 1
+            if micro % plan.accumulation:
+                tick = time.perf_counter()
+                continue
+            scale = ds_engine.clamp_logit_scale(engine.module, LOGIT_SCALE_MAX)
+            stats = torch.stack(step_stats).mean(dim=0)
+            if ctx.world_size > 1:  # one small all-reduce per step: mean over ranks
+                torch.distributed.all_reduce(stats)
+                stats /= ctx.world_size
+            loss, i2t, t2i = (float(v) for v in stats)
+            batch_time = time.perf_counter() - step_start
+            outcome.steps += 1
+            outcome.samples_seen += plan.global_batch
+            values = {"loss": loss, "lr": max(engine.get_lr()), "logit_scale": scale, "i2t_acc": i2t,
+                      "t2i_acc": t2i, "samples_per_second": plan.global_batch / batch_time,
+                      "data_time": data_time, "batch_time": batch_time}
+            for key in HISTORY_KEYS:
+                outcome.history[key].append(values[key])
+            logged = values | {"scale": math.exp(scale), "samples_per_second_per_gpu": per_rank / batch_time}
+            if engine.module.logit_bias is not None:
+                logged["logit_bias"] = float(engine.module.logit_bias.detach().float().reshape(-1)[0])
+            loop.end_step(logged, lambda: {"samples_seen": outcome.samples_seen, "history": outcome.history})
+            step_stats, data_time = [], 0.0
+            tick = step_start = time.perf_counter()
+    outcome.wall_time_s = loop.wall_time_s
     done = outcome.steps - outcome.resumed_from
     outcome.samples_per_second = done * plan.global_batch / max(outcome.wall_time_s, 1e-9)
     if outcome.steps != plan.total_steps:
@@ -231,6 +200,7 @@ def export_model(model: LLM2CLIPModel, params: dict[str, torch.Tensor]) -> LLM2C
     tower.preprocess = model.tower.preprocess
     clone = LLM2CLIPModel(tower, llm_dim=model.llm_dim, embed_dim=model.embed_dim,
                           adapter_blocks=model.adapter.num_blocks, adapter_expansion=model.adapter.expansion,
+                          logit_bias_init=0.0 if model.logit_bias is not None else None, loss=model.loss,
                           caption_encoder=model.caption_encoder,
                           caption_encoder_fingerprint=model.caption_encoder_fingerprint)
     clone.source_spec = model.source_spec
@@ -279,7 +249,6 @@ def training_flops(model: LLM2CLIPModel, pixels: torch.Tensor, text: torch.Tenso
     }
     counter = fc.FlopCounterMode(display=False, custom_mapping=cpu_attention)
     with counter:
-        image_features, text_features, scale = model(pixels, text)
-        clip_loss(image_features, text_features, scale, gather=False).backward()
+        create_loss(model.loss, gather=False)(**model(pixels, text))["loss"].backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

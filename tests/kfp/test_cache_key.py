@@ -87,7 +87,7 @@ def test_a_code_change_is_a_new_default_image(tmp_path):
     assert source_digest(tmp_path) == source_digest(REPO)
     (tmp_path / "README.md").write_text("docs only")  # not in the image's code: no new tag
     assert source_digest(tmp_path) == source_digest(REPO)
-    config = tmp_path / "llm2clip" / "config.py"
+    config = tmp_path / "llm2clip" / "config" / "common.py"
     config.write_text(config.read_text().replace("seed: int = 0", "seed: int = 1"))
     assert source_digest(tmp_path) != source_digest(REPO)
     assert image_tag("cpu", root=tmp_path) != image_tag("cpu") and image_tag("cpu").endswith("-cpu")

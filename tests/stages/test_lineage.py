@@ -36,9 +36,9 @@ from llm2clip.config import (
 )
 from llm2clip.io import StageError
 from llm2clip.stages import STAGES, caption_contrastive, embed_captions, evaluate, prepare_data, register, train_vision
+from llm2clip.stages import train_vision_io as vision_artifacts
 from llm2clip.text.embed import encoder_fingerprint
 from llm2clip.text.encoder import SETTINGS_FILE, EncoderSettings
-from llm2clip.train import vision_artifacts
 
 _spec = importlib.util.spec_from_file_location(
     "lineage_tiny_assets", Path(__file__).resolve().parents[1] / "unit" / "text" / "tiny_assets.py")

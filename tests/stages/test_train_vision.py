@@ -35,7 +35,8 @@ from llm2clip.config import (
 from llm2clip.data import sidecars
 from llm2clip.io import StageError, sha256_file
 from llm2clip.stages import STAGES, prepare_data
-from llm2clip.train import vision_artifacts, vision_data
+from llm2clip.stages import train_vision_io as vision_artifacts
+from llm2clip.train import vision_data
 from llm2clip.train.distributed import free_port
 from llm2clip.vision.model import LOGIT_SCALE_MAX, LLM2CLIPModel
 
@@ -328,3 +329,27 @@ def test_gpu_benchmark_script_dry_run_on_cpu():
     assert report["samples_per_second"] > 0 and report["model_gflop_per_sample"] > 0
     assert 0 < report["mfu"] < 1 and report["steps"] == 4
     assert "MFU" in done.stdout and "samples/s" in done.stdout
+
+
+def test_siglip_loss_trains_a_bias_and_is_recorded(inputs):
+    """``loss: siglip`` (2 gloo ranks, the ring exchange): the model gets a learnable bias that
+    starts at SigLIP's -10 and moves, the loss falls, the exported config names the loss, and
+    the model loads back with it; checkpoints are removed with ``keep_checkpoints: 0``."""
+    from llm2clip.losses import SigLipLoss
+
+    data, emb, root = inputs
+    params = write_params(root / "params-siglip.yaml", loss="siglip", logit_scale_init=None, keep_checkpoints=0,
+                          checkpoint_every=4)
+    out = root / "siglip"
+    finish(torchrun(["--standalone", "--nproc-per-node", "2", *stage_command(root, params, data, emb, out)],
+                    cwd=root))
+    config = json.loads((out / "llm2clip_config.json").read_text())
+    assert config["loss"] == "siglip"
+    assert config["logit_bias"] != SigLipLoss.init_logit_bias and abs(config["logit_bias"] + 10) < 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    losses = manifest["training"]["losses"]
+    assert losses[-1] < losses[0], losses
+    assert manifest["training"]["checkpoint"] is None and not (out / "checkpoints").exists()
+    model = LLM2CLIPModel.from_pretrained(out)
+    assert model.loss == "siglip" and float(model.logit_bias) == pytest.approx(config["logit_bias"])
+    assert "logit_bias" in weights(out)

@@ -142,7 +142,7 @@ def test_caption_contrastive_two_nodes_equal_one(world):
     assert m2["training"]["world_size"] == m1["training"]["world_size"] == 2
     assert m2["training"]["global_batch"] == m1["training"]["global_batch"]
     assert abs(m2["cra_after"]["cra"] - m1["cra_after"]["cra"]) <= 1e-9
-    assert not fs.exists(f"{two}.ckpt"), "checkpoints are removed after success (keep_checkpoints: false)"
+    assert not fs.exists(f"{two}.ckpt"), "checkpoints are removed after success (keep_checkpoints: 0)"
 
     # the same nodes running the plain CLI: launch() starts torchrun from PET_* (no --standalone,
     # which would make each node a world of one and hang the job)

@@ -1,5 +1,6 @@
-"""The train_vision engine pieces that need no process group: DeepSpeed config, schedule,
-optimizer groups, step plan, precision and the data helpers' arithmetic."""
+"""The training core's pieces that need no process group (DeepSpeed config, schedules, optimizer
+groups, precision, the shared training settings, the step loop's cadence), the train_vision step
+plan and the data helpers' arithmetic."""
 
 from __future__ import annotations
 
@@ -9,15 +10,13 @@ import math
 import pytest
 import torch
 
-from llm2clip.config import ConfigError, TrainVisionConfig, load_params
+from llm2clip.config import CaptionContrastiveConfig, ConfigError, TrainArgs, TrainVisionConfig, load_params
 from llm2clip.io import StageError
-from llm2clip.train.engine import (
-    build_optimizer,
-    effective_zero_stage,
-    lr_factor,
-    resolve_precision,
-    to_deepspeed_config,
-)
+from llm2clip.train.engine import deepspeed_config as to_deepspeed_config
+from llm2clip.train.engine import effective_zero_stage
+from llm2clip.train.loop import StepLoop
+from llm2clip.train.optim import build_optimizer, lr_factor, trainable_groups
+from llm2clip.train.precision import resolve_precision
 from llm2clip.train.vision_data import batches_served, pick_caption, resolve_caption_mix
 from llm2clip.train.vision_trainer import plan_training
 from llm2clip.vision.model import LLM2CLIPModel
@@ -31,7 +30,7 @@ TINY_VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, 
 def test_deepspeed_config_is_derived_from_params(stage, precision):
     cfg = TrainVisionConfig(batch_size=8, gradient_accumulation_steps=3, zero_stage=stage,
                             gradient_clipping=2.5, precision=precision)
-    ds = to_deepspeed_config(cfg, world_size=4, precision=precision)
+    ds = to_deepspeed_config(cfg, world_size=4, precision=precision, accumulation=3)
     assert ds["train_batch_size"] == 8 * 3 * 4 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 2.5
     assert ds["zero_optimization"] == {"stage": stage}
@@ -42,7 +41,7 @@ def test_deepspeed_config_is_derived_from_params(stage, precision):
     assert "activation_checkpointing" not in ds
     assert to_deepspeed_config(dataclasses.replace(cfg, gradient_checkpointing=True), 1, precision)[
         "activation_checkpointing"]["partition_activations"] is False
-    assert to_deepspeed_config(cfg, 4, precision) == ds  # pure
+    assert to_deepspeed_config(cfg, 4, precision, accumulation=3) == ds  # pure
     with pytest.raises(ValueError):
         to_deepspeed_config(cfg, 1, "auto")
 
@@ -77,7 +76,8 @@ def test_optimizer_keeps_layer_decay_and_weight_decay_groups_under_the_schedule(
     model = LLM2CLIPModel.build({"kind": "vit_scratch", "config": TINY_VIT, "image_size": 32}, llm_dim=8,
                                 embed_dim=4, adapter_blocks=1)
     cfg = TrainVisionConfig(lr=1e-3, weight_decay=0.05, layer_decay=0.5, warmup_steps=2)
-    optimizer, scheduler = build_optimizer(model, cfg, total_steps=10)
+    optimizer, scheduler = build_optimizer(model.param_groups(cfg.lr, cfg.weight_decay, cfg.layer_decay),
+                                           lr=cfg.lr, total_steps=10, warmup=cfg.warmup_steps, schedule="cosine")
     groups = optimizer.param_groups
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
     by_name = {g["group_name"]: g for g in groups}
@@ -112,15 +112,81 @@ def test_one_fp32_rank_runs_stage_0_and_the_optimizer_is_fused():
     assert effective_zero_stage(cfg, 1, "bf16") == 2  # fp32 masters live in the ZeRO optimizer
     model = LLM2CLIPModel.build({"kind": "vit_scratch", "config": TINY_VIT, "image_size": 32}, llm_dim=8,
                                 embed_dim=4, adapter_blocks=1)
-    optimizer, _ = build_optimizer(model, cfg, total_steps=3)
+    optimizer, _ = build_optimizer(trainable_groups(model, 0.0), lr=1e-3, total_steps=3, warmup=0,
+                                   schedule="cosine")
     assert optimizer.defaults["fused"] is True
 
 
-def test_precision_resolution():
+def test_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ValueError, match="CUDA"):
         resolve_precision("fp16", cpu)
+    gpu = torch.device("cuda", 0)  # the device type is all the resolver reads, besides bf16 support
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", gpu) == "bf16" and resolve_precision("fp16", gpu) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a V100 / T4
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    assert resolve_precision("auto", gpu) == "fp16"  # with dynamic loss scaling (deepspeed_config)
+    with pytest.raises(ValueError, match="V100 has no bf16"):
+        resolve_precision("bf16", gpu)
+
+
+def test_linear_schedule_is_the_hf_linear_warmup_decay():
+    factors = [lr_factor(s, warmup=2, total=6, schedule="linear") for s in range(7)]
+    assert factors == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0])
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(3, warmup=0, total=5, schedule="step")
+
+
+def test_both_trainers_share_one_set_of_training_fields():
+    shared = {f.name: f.type for f in dataclasses.fields(TrainArgs)}
+    for cls in (CaptionContrastiveConfig, TrainVisionConfig):
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        assert {k: fields[k] for k in shared} == shared, cls  # one type each
+    assert CaptionContrastiveConfig().keep_checkpoints == 0 and TrainVisionConfig().keep_checkpoints == 2
+    assert CaptionContrastiveConfig().lr == 1e-3 and TrainVisionConfig().lr == 5e-4  # per-stage defaults
+    for cls, section in ((CaptionContrastiveConfig, "caption_contrastive"), (TrainVisionConfig, "train_vision")):
+        with pytest.raises(ConfigError, match=f"^{section}.log_every: must be >= 1"):
+            cls(log_every=0)
+        with pytest.raises(ConfigError, match=f"{section}.keep_checkpoints: expected int"):
+            load_params(None, [f"{section}.keep_checkpoints=false"])
+    with pytest.raises(ConfigError, match="caption_contrastive.zero_stage: must be 0, 1 or 2"):
+        CaptionContrastiveConfig(zero_stage=3)
+    ds = to_deepspeed_config(CaptionContrastiveConfig(batch_size=4), world_size=2, precision="bf16",
+                             micro_batch=16)  # MNTP's own batch
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["train_batch_size"] == 32
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.saved: list[int] = []
+
+    def train(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("keep", "every", "expected"), [(0, 3, [3, 6]), (2, 3, [3, 6, 7]), (1, 0, [7]),
+                                                         (0, 0, [])])
+def test_step_loop_logs_windows_and_checkpoints_on_cadence(monkeypatch, keep, every, expected):
+    from llm2clip.train import checkpoint
+    from llm2clip.train.distributed import DistContext
+
+    saves = []
+    monkeypatch.setattr(checkpoint, "save", lambda engine, store, step, state, ctx, keep: saves.append(
+        (step, state["step"], state["losses"], keep)))
+    logged = []
+    args = TrainArgs(log_every=3, checkpoint_every=every, keep_checkpoints=keep)
+    ctx = DistContext()
+    with StepLoop(_Engine(), "test", 7, args, ctx, store=object(), on_log=lambda s, m: logged.append((s, m))) as loop:
+        losses = []
+        for step in range(1, 8):
+            losses.append(float(step))
+            loop.end_step({"loss": float(step)}, lambda: {"losses": list(losses)})
+    assert [s for s, _ in logged] == [3, 6, 7]
+    assert [m["loss"] for _, m in logged] == [2.0, 5.0, 7.0]  # window means: (1+2+3)/3, (4+5+6)/3, 7
+    assert [s for s, *_ in saves] == expected
+    assert all(step == inner and len(state) == step and k == max(1, keep) for step, inner, state, k in saves)
 
 
 def test_worker_rotation_covers_every_micro_batch_once():

@@ -1,6 +1,6 @@
 """The steps around the train_vision loop: input checks, model, checkpoint dir, val R@1, outputs.
 
-Kept apart from :mod:`llm2clip.stages.train_vision` so the stage module only orders steps.
+The other half of :mod:`llm2clip.stages.train_vision`, which only orders the steps.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip.config import CommonConfig, TrainVisionConfig, config_hash
+from llm2clip.contracts import remove_manifest, write_manifest
 from llm2clip.data import sidecars
 from llm2clip.data.shards import load_manifest
 from llm2clip.eval.retrieval import clip_metrics
-from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, is_remote, s3_filesystem, sha256_file
+from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, sha256_file
 from llm2clip.lineage import check_made_from
+from llm2clip.tower_kinds import tower_kind
 from llm2clip.train import checkpoint, vision_data
 from llm2clip.train.distributed import DistContext
 from llm2clip.train.engine import effective_zero_stage
-from llm2clip.vision.model import CONFIG_FILE, LOGIT_SCALE_INIT, LLM2CLIPModel
+from llm2clip.vision.model import CONFIG_FILE, LLM2CLIPModel
 from llm2clip.vision.towers import TowerSpec, read_pretrained_logit_scale
 
 log = logging.getLogger(__name__)
@@ -127,23 +129,37 @@ def checkpoint_dir(cfg: TrainVisionConfig, common: CommonConfig, inputs: Inputs,
 
 def _unfinish(out_url: str, endpoint_url: str) -> None:
     """Remove the output's ``manifest.json`` (the commit mark) before it is rewritten."""
-    if is_remote(out_url):
-        fs = s3_filesystem(endpoint_url)
-        if fs.exists(f"{out_url.rstrip('/')}/manifest.json"):
-            fs.rm(f"{out_url.rstrip('/')}/manifest.json")
-    else:
-        (Path(out_url) / "manifest.json").unlink(missing_ok=True)
+    remove_manifest(out_url, endpoint_url)
+
+
+def loss_name(cfg: TrainVisionConfig) -> str:
+    """The loss to train with: ``train_vision.loss``, or (``auto``) the tower kind's default.
+
+    Raises:
+        StageError: a loss name that is not in :data:`llm2clip.losses.LOSSES`.
+    """
+    from llm2clip.losses import LOSSES
+
+    name = tower_kind(cfg.tower).default_loss if cfg.loss == "auto" else cfg.loss
+    if name not in LOSSES:
+        raise StageError(f"train_vision.loss: must be auto or one of {sorted(LOSSES)}, got {cfg.loss!r}")
+    return name
 
 
 def build_model(cfg: TrainVisionConfig, inputs: Inputs) -> LLM2CLIPModel:
-    """The model to train: tower from the config, fresh head and adapter, logit scale per config."""
+    """The model to train: tower from the config, fresh head and adapter, the loss's temperature
+    (and bias) unless the config or the pretrained checkpoint gives one."""
+    from llm2clip.losses import LOSSES
+
+    loss = LOSSES[loss_name(cfg)]
     scale = cfg.logit_scale_init
     if scale is None and cfg.tower_path:
         scale = read_pretrained_logit_scale(cfg.tower_path)  # reference keeps the CLIP's (ln 100)
     return LLM2CLIPModel.build(
         TowerSpec.from_dict(cfg.tower_spec()), llm_dim=inputs.llm_dim, embed_dim=cfg.embed_dim,
         adapter_blocks=cfg.adapter_blocks, adapter_expansion=cfg.adapter_expansion,
-        logit_scale_init=LOGIT_SCALE_INIT if scale is None else scale,
+        logit_scale_init=loss.init_logit_scale if scale is None else scale,
+        logit_bias_init=loss.init_logit_bias if loss.needs_bias else None, loss=loss_name(cfg),
         caption_encoder=inputs.encoder.get("path"),
         caption_encoder_fingerprint=inputs.encoder.get("fingerprint"))
 
@@ -218,8 +234,8 @@ def write_outputs(out: Path, model: LLM2CLIPModel, outcome, val: dict[str, dict]
     atomic_write_json(out / "metrics.json", metrics)
     files = {name: sha256_file(out / name) for name in
              ("model.safetensors", CONFIG_FILE, "training_curve.png", "metrics.json")}
-    atomic_write_json(out / "manifest.json", {
-        "stage": STAGE, "format_version": 1, "config_hash": config_hash(common, cfg),
+    write_manifest(STAGE, out, {
+        "config_hash": config_hash(common, cfg),
         "model": {"config": CONFIG_FILE, "weights": "model.safetensors", "embed_dim": model.embed_dim,
                   "llm_embedding_dim": model.llm_dim, "tower": cfg.tower},
         "training": {"steps": outcome.steps, "samples_seen": outcome.samples_seen,
@@ -227,7 +243,7 @@ def write_outputs(out: Path, model: LLM2CLIPModel, outcome, val: dict[str, dict]
                      "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
                      "precision": plan.precision, "zero_stage": cfg.zero_stage,
                      "zero_stage_run": effective_zero_stage(cfg, world_size, plan.precision),
-                     "checkpoint": checkpoint_tag},
+                     "checkpoint": checkpoint_tag, "losses": outcome.history["loss"]},
         "inputs": {"data": {"path": inputs.data, "manifest_sha256": inputs.data_sha256,
                             "train_samples": inputs.train_samples, "val_samples": inputs.val_samples},
                    "embeddings": {"path": inputs.embeddings, "manifest_sha256": inputs.embeddings_sha256,

@@ -1,0 +1,41 @@
+"""``common``: the settings every stage reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llm2clip.config.base import ConfigError
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    """Settings every stage reads.
+
+    Attributes:
+        seed: Global seed; every stage derives its own generators from it.
+        experiment: MLflow experiment name.
+        tracking: Log runs to MLflow. Off: stages run the same and log nothing.
+        tracking_uri: MLflow tracking URI. Empty: ``$MLFLOW_TRACKING_URI``, else a local
+            ``sqlite:///mlflow.db`` in the working directory.
+        s3_endpoint_url: S3 endpoint for ``s3://`` inputs/outputs (MinIO, moto). Empty: the
+            AWS default (or ``$AWS_ENDPOINT_URL``). Credentials always come from the
+            environment or AWS profile, never from params.
+        caption_fields: Named caption types every prepared sample carries, in order. The first
+            two are the caption-contrastive pair and the default CRA pair.
+        registered_model: MLflow registered-model name of the vision model (evaluate compares
+            with its ``champion``; register creates versions of it).
+    """
+
+    seed: int = 0
+    experiment: str = "llm2clip"
+    tracking: bool = True
+    tracking_uri: str = ""
+    s3_endpoint_url: str = ""
+    caption_fields: tuple[str, ...] = ("short", "dense")
+    registered_model: str = "llm2clip"
+
+    def __post_init__(self) -> None:
+        if len(self.caption_fields) < 1:
+            raise ConfigError("common.caption_fields: at least one caption field is needed")
+        if len(set(self.caption_fields)) != len(self.caption_fields):
+            raise ConfigError(f"common.caption_fields: duplicate names in {self.caption_fields}")

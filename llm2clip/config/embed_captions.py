@@ -1,0 +1,57 @@
+"""``embed_captions``: every caption -> key-aligned embedding sidecars."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from llm2clip.config.base import ConfigError
+
+
+@dataclass(frozen=True)
+class EmbedCaptionsConfig:
+    """embed_captions: every caption of every shard -> key-aligned embedding sidecars.
+
+    Attributes:
+        dtype: Stored dtype of the vectors (``float16`` halves the disk; ``float32`` exact).
+        normalize: L2-normalise before storing (the adapter normalises anyway; the reference
+            stores raw vectors). The manifest states which.
+        max_tokens: Token budget of one forward pass, padding included: captions are sorted by
+            length and packed until ``captions x longest`` would pass it. 0 = auto: 1024 on CPU
+            (activations stay in cache; bigger was slower on the 2-core box), 16384 on CUDA.
+        max_batch_size: Upper bound on captions per forward pass.
+        num_workers: Processes embedding shards in parallel; each loads the encoder (CPU: each
+            gets ``cores // num_workers`` torch threads; CUDA: workers are spread over GPUs).
+        threads: Torch threads per worker; 0 = ``cores // num_workers``.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        precision: ``auto`` (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU), ``fp32``,
+            ``bf16`` or ``fp16`` (GPU only).
+        zeroshot_splits: Splits whose sample labels become zero-shot class sets; () = none.
+        zeroshot_templates: Prompt templates with one ``{}``; () = the default ensemble of
+            ``llm2clip.eval.zeroshot.DEFAULT_TEMPLATES``.
+        model_cache_dir: GGUF conversion cache, used when ``caption_encoder`` is a model spec.
+    """
+
+    dtype: Literal["float16", "float32"] = "float16"
+    normalize: bool = True
+    max_tokens: int = 0
+    max_batch_size: int = 256
+    num_workers: int = 1
+    threads: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    zeroshot_splits: tuple[str, ...] = ("val",)
+    zeroshot_templates: tuple[str, ...] = ()
+    model_cache_dir: str = ".cache/models"
+
+    def __post_init__(self) -> None:
+        where = "embed_captions"
+        for key in ("max_batch_size", "num_workers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("max_tokens", "threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
+        for t in self.zeroshot_templates:
+            if t.count("{}") != 1:
+                raise ConfigError(f"{where}.zeroshot_templates: {t!r} must contain exactly one '{{}}'")
