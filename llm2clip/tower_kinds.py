@@ -62,6 +62,9 @@ TOWERS: dict[str, TowerKind] = {kind.name: kind for kind in (
               requirements=("efficientnet-lite-pytorch",)),
     # A small random CLIPVisionModel for the offline demo.
     TowerKind("vit_scratch", _HF),
+    # EVA02-CLIP ViT (llm2clip/vision/eva02.py): presets EVA02-CLIP-B-16/L-14/L-14-336 or sizes;
+    # tower_path: a dir of EVA-CLIP reference weights (safetensors) + config.json.
+    TowerKind("eva02", "build_eva02_tower", loads_directory=True),
 )}
 
 

@@ -3,8 +3,9 @@
 Mirrors the reference ``CustomCLIP`` (LLM2CLIP ``eva_clip/model.py``): the CLIP text tower is gone;
 captions arrive as precomputed frozen-LLM embeddings and go through :class:`TextAdapter`; the vision
 tower's pooled features go through a freshly initialised ``Linear(width, embed_dim)`` (the reference
-deletes the pretrained ``visual.head``/``visual.proj``). ``forward`` returns both L2-normalised
-features and ``logit_scale.exp()``, as the reference.
+deletes the pretrained ``visual.head``/``visual.proj``), initialised as the reference does for the
+tower's family (:data:`HEAD_INITS`: OpenAI CLIP ``width ** -0.5`` normal, EVA trunc-normal x 0.001).
+``forward`` returns both L2-normalised features and ``logit_scale.exp()``, as the reference.
 
 The exported model is ``model.safetensors`` + ``llm2clip_config.json`` (see :meth:`config_dict`);
 it rebuilds without the original pretrained directory because the tower's full config is inside.
@@ -18,7 +19,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,44 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)  # temperature >= 0.01, clamped after every step (reference)
 # Excluded from weight decay besides 1-d tensors and biases (reference ``no_weight_decay``:
 # pos_embed, cls_token, logit_scale; SigLIP's attention-pool ``probe`` is its cls-token analogue).
-_NO_DECAY = re.compile(r"(?:^|\.)(position_embedding|class_embedding|probe|logit_scale|logit_bias)(?:\.|$)")
+_NO_DECAY = re.compile(
+    r"(?:^|\.)(position_embedding|class_embedding|pos_embed|cls_token|probe|logit_scale|logit_bias)(?:\.|$)")
+
+
+def _init_head_openai(head: nn.Linear) -> None:
+    """OpenAI CLIP ``VisionTransformer.proj = width ** -0.5 * randn(width, embed_dim)`` (LLM2CLIP
+    ``eva_clip/transformer.py``; ``build_model_from_openai_state_dict`` pops the pretrained ``proj``,
+    so this init is what trains). The reference projection has no bias; ours is zero and trains."""
+    nn.init.normal_(head.weight, std=head.in_features ** -0.5)
+    nn.init.zeros_(head.bias)
+
+
+def _init_head_eva(head: nn.Linear) -> None:
+    """EVA ``EVAVisionTransformer.head``: trunc-normal std 0.02, then weight and (zero) bias times
+    ``init_scale`` 0.001 (LLM2CLIP ``eva_clip/eva_vit_model.py``; ``factory.py:load_checkpoint``
+    deletes the pretrained ``visual.head``, so this init is what trains)."""
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    with torch.no_grad():
+        head.weight.mul_(0.001)
+    nn.init.zeros_(head.bias)
+
+
+def _init_head_default(head: nn.Linear) -> None:
+    """Trunc-normal std 0.02, zero bias: kinds without a reference head (the demo towers, SigLIP,
+    whose reference run has no new head at all: docs/reference-differences.md)."""
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+
+
+HEAD_INITS: dict[str, Callable[[nn.Linear], None]] = {"clip": _init_head_openai, "eva02": _init_head_eva}
+"""Tower kind -> how the reference initialises the new projection head of that tower family; a
+kind not listed (``vit_scratch``, ``efficientnet_lite0``, ``siglip``, plugins) gets
+:func:`_init_head_default`."""
+
+
+def init_head(head: nn.Linear, kind: str) -> None:
+    """Initialise the new ``Linear(width, embed_dim)`` head as the reference does for tower ``kind``."""
+    HEAD_INITS.get(kind, _init_head_default)(head)
 
 
 def _absolute_if_local(spec: str | None) -> str | None:
@@ -97,9 +135,7 @@ class LLM2CLIPModel(nn.Module):
         super().__init__()
         self.tower = tower
         self.head = nn.Linear(tower.width, embed_dim)
-        # Reference head init: trunc-normal std 0.02, zero bias (EVA ``head``).
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        init_head(self.head, tower.spec.kind)
         self.adapter = TextAdapter(llm_dim, embed_dim, adapter_blocks, adapter_expansion)
         # Shape [1], not []: DeepSpeed 0.19.8 cannot broadcast 0-dim parameters (feasibility §3).
         self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init)))

@@ -159,13 +159,14 @@ class HFVisionTower(VisionTower):
         return int(self.model.config.num_hidden_layers)
 
     def layer_id(self, name: str) -> int:
-        # Same assignment as the reference's ViT assigner (LLM2CLIP ``eva_clip`` optim / EVA
-        # ``get_num_layer_for_vit``): patch/pos/cls embeddings (and CLIP's pre-LayerNorm that acts
-        # on them) are layer 0, block i is i + 1, everything above the blocks is num_layers + 1.
+        # The reference's assigner (LLM2CLIP ``eva_clip/optim.py`` ``get_num_layer_for_transformer``):
+        # the patch and position embeddings are layer 0, block i is i + 1, and every name it does not
+        # match is on top (num_layers + 1, LR scale 1): OpenAI's ``class_embedding`` and ``ln_pre``
+        # (HF ``pre_layrnorm``) among them.
         match = re.search(r"(?:^|\.)encoder\.layers\.(\d+)\.", name)
         if match:
             return int(match.group(1)) + 1
-        if re.search(r"(?:^|\.)(embeddings|pre_layrnorm)\.", name):
+        if re.search(r"(?:^|\.)embeddings\.(patch_embedding|position_embedding)\.", name):
             return 0
         return self.num_layers + 1
 
@@ -359,3 +360,7 @@ def read_pretrained_logit_scale(path: str | Path) -> float | None:
             if "logit_scale" in f.keys():
                 return float(f.get_tensor("logit_scale").float().reshape(-1)[0])
     return None
+
+
+# The eva02 kind's builder, named by its TOWERS row; imported last because eva02 subclasses VisionTower.
+from llm2clip.vision.eva02 import build_eva02_tower  # noqa: E402, F401

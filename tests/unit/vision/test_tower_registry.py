@@ -78,7 +78,7 @@ def test_a_registered_kind_is_known_to_config_builder_and_serving(new_kind, tmp_
 
 
 def test_a_registered_kind_keeps_the_table_rules(new_kind):
-    with pytest.raises(ConfigError, match="train_vision.tower_path: only clip/siglip towers load a directory"):
+    with pytest.raises(ConfigError, match="train_vision.tower_path: only clip/siglip/eva02 towers load a directory"):
         train_vision(tower=KIND, tower_path="/models/x")
     with pytest.raises(ValueError, match=f"tower kind '{KIND}' takes no path"):
         TowerSpec(kind=KIND, path="/models/x")
@@ -89,7 +89,7 @@ def test_a_registered_kind_keeps_the_table_rules(new_kind):
 
 
 def test_unknown_kinds_are_errors_that_list_the_known_ones():
-    known = "['clip', 'siglip', 'efficientnet_lite0', 'vit_scratch']"
+    known = "['clip', 'siglip', 'efficientnet_lite0', 'vit_scratch', 'eva02']"
     with pytest.raises(ConfigError) as err:
         train_vision(tower=KIND)
     assert str(err.value) == f"train_vision.tower: must be one of {known}, got '{KIND}'"
@@ -100,10 +100,10 @@ def test_unknown_kinds_are_errors_that_list_the_known_ones():
 
 def test_the_built_in_rows():
     table = tower_kinds.TOWERS
-    assert list(table) == ["clip", "siglip", "efficientnet_lite0", "vit_scratch"]
-    assert tower_kinds.directory_kinds() == ["clip", "siglip"]
+    assert list(table) == ["clip", "siglip", "efficientnet_lite0", "vit_scratch", "eva02"]
+    assert tower_kinds.directory_kinds() == ["clip", "siglip", "eva02"]
     assert {k: v.default_loss for k, v in table.items()} == {
-        "clip": "clip", "siglip": "siglip", "efficientnet_lite0": "clip", "vit_scratch": "clip"}
+        "clip": "clip", "siglip": "siglip", "efficientnet_lite0": "clip", "vit_scratch": "clip", "eva02": "clip"}
     assert [p.split("==")[0] for p in registry.pip_requirements("efficientnet_lite0")][-1] == \
         "efficientnet-lite-pytorch"
     assert registry.pip_requirements("clip") == registry.pip_requirements("")

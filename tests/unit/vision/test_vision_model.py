@@ -110,7 +110,7 @@ def test_param_groups_layer_decay_numbers():
     # 2 blocks: scale = 0.5 ** (3 - layer_id)
     check("tower.model.embeddings.patch_embedding.weight", 0.125, True)
     check("tower.model.embeddings.position_embedding.weight", 0.125, False)
-    check("tower.model.pre_layrnorm.weight", 0.125, False)
+    check("tower.model.pre_layrnorm.weight", 1.0, False)  # the reference puts ln_pre on top
     check("tower.model.encoder.layers.0.mlp.fc1.weight", 0.25, True)
     check("tower.model.encoder.layers.0.mlp.fc1.bias", 0.25, False)
     check("tower.model.encoder.layers.1.self_attn.k_proj.weight", 0.5, True)

@@ -33,7 +33,7 @@ def test_each_kind_pools_to_width(spec, width, size, mean):
     assert tower.width == width and tower.preprocess.image_size == size and tower.preprocess.mean == mean
     feats = tower(torch.randn(3, 3, size, size))
     assert feats.shape == (3, width) and torch.isfinite(feats).all()
-    assert set(TOWER_KINDS) == {"clip", "siglip", "vit_scratch", "efficientnet_lite0"}
+    assert set(TOWER_KINDS) == {"clip", "siglip", "vit_scratch", "efficientnet_lite0", "eva02"}
 
 
 def test_vit_scratch_defaults_are_a_small_exact_gelu_vit():
@@ -138,10 +138,10 @@ def test_layer_ids_on_tiny_clip():
     tower = build_tower({"kind": "clip", "config": TINY_VISION})
     assert tower.num_layers == 2
     ids = {n: tower.layer_id(n) for n, _ in tower.named_parameters()}
-    assert ids["model.embeddings.class_embedding"] == 0
+    assert ids["model.embeddings.class_embedding"] == 3  # on top, as the reference's assigner
     assert ids["model.embeddings.patch_embedding.weight"] == 0
     assert ids["model.embeddings.position_embedding.weight"] == 0
-    assert ids["model.pre_layrnorm.weight"] == 0
+    assert ids["model.pre_layrnorm.weight"] == 3
     assert ids["model.encoder.layers.0.self_attn.q_proj.weight"] == 1
     assert ids["model.encoder.layers.1.mlp.fc2.bias"] == 2
     assert ids["model.post_layernorm.weight"] == 3
