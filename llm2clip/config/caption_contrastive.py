@@ -10,6 +10,42 @@ from llm2clip.config.base import ConfigError, check_bounds
 from llm2clip.config.training import TrainArgs, stage_defaults
 
 LLAMA_LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TEXT_PAIR_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+
+
+@dataclass(frozen=True)
+class TextPairSource:
+    """One file of text pairs for ``caption_contrastive.text_pairs`` (E5 / Echo style).
+
+    A row is a (query, positive[, negative]) triple; JSONL rows are objects, parquet rows are
+    table rows. The column names are mapped here, so a file needs no rewriting.
+
+    Attributes:
+        path: A local path or ``s3://`` URL of a ``.jsonl`` (``.jsonl.gz``) or ``.parquet`` file
+            (parquet needs ``pyarrow``).
+        query: Column of the query text.
+        positive: Column of the text the query must retrieve.
+        negative: Column of a hard negative; a row without one (or ``""`` here: never) gets
+            another pair's positive.
+        instruction: Put before this source's queries (the reference gives every E5 dataset its
+            own, e.g. "Given a web search query, retrieve relevant passages that answer the
+            query: "); None: ``caption_contrastive.instruction``.
+    """
+
+    path: str = ""
+    query: str = "query"
+    positive: str = "positive"
+    negative: str = "negative"
+    instruction: str | None = None
+
+    def check(self, where: str) -> None:
+        if not self.path.strip():
+            raise ConfigError(f"{where}.path: must not be empty")
+        if not self.path.endswith(TEXT_PAIR_SUFFIXES):
+            raise ConfigError(f"{where}.path: must end in one of {list(TEXT_PAIR_SUFFIXES)}, got {self.path!r}")
+        if not self.query.strip() or not self.positive.strip() or self.query == self.positive:
+            raise ConfigError(f"{where}: query and positive must name two different columns, got "
+                              f"{self.query!r} and {self.positive!r}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +89,15 @@ class CaptionContrastiveConfig(TrainArgs):
             ``<output>.ckpt`` next to the output (a sibling prefix for an ``s3://`` output).
         cra_max_images: Cap on val images used for CRA (0 = all).
         encode_batch_size: Captions per forward pass when embedding for CRA.
+        init_adapters: Local peft LoRA adapter dirs (``adapter_config.json`` +
+            ``adapter_model.safetensors``) merged into the base model in this order before
+            anything else (MNTP, the new LoRA): an LLM2Vec checkpoint is the base model plus
+            ``[<mntp adapter>, <supervised adapter>]``. () = the base model as it is.
+        text_pairs: Text-pair files mixed into training (the reference mixes E5 / Echo data with
+            the captions), each a :class:`TextPairSource` mapping: ``path`` (columns ``query``,
+            ``positive``, optional ``negative``), other column names, an instruction.
+        text_pair_ratio: Share of every global batch that comes from ``text_pairs`` (rounded to
+            whole pairs, spread evenly over ranks); 0 = captions only. Needs ``text_pairs``.
     """
 
     SECTION: typing.ClassVar[str] = "caption_contrastive"
@@ -80,6 +125,9 @@ class CaptionContrastiveConfig(TrainArgs):
     checkpoint_dir: str = ""
     cra_max_images: int = 0
     encode_batch_size: int = 64
+    init_adapters: tuple[str, ...] = ()
+    text_pairs: tuple[TextPairSource, ...] = ()
+    text_pair_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +158,17 @@ class CaptionContrastiveConfig(TrainArgs):
                               "weights on every rank), got 3")
         if not self.lora_target_modules:
             raise ConfigError(f"{where}.lora_target_modules: at least one module name is needed")
+        for i, adapter in enumerate(self.init_adapters):
+            if not adapter.strip() or "://" in adapter:
+                raise ConfigError(f"{where}.init_adapters[{i}]: must be a local adapter directory, got {adapter!r}")
+        for i, source in enumerate(self.text_pairs):
+            source.check(f"{where}.text_pairs[{i}]")
+        if not 0.0 <= self.text_pair_ratio < 1.0:
+            raise ConfigError(f"{where}.text_pair_ratio: must be in [0, 1), got {self.text_pair_ratio}")
+        if bool(self.text_pairs) != (self.text_pair_ratio > 0):
+            raise ConfigError(f"{where}.text_pairs and {where}.text_pair_ratio go together: text pairs need a "
+                              f"ratio > 0 and a ratio > 0 needs text pairs (got {len(self.text_pairs)} files, "
+                              f"ratio {self.text_pair_ratio})")
 
     def lora_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``peft.LoraConfig`` (derived, never kept as a file)."""

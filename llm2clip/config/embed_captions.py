@@ -30,6 +30,9 @@ class EmbedCaptionsConfig:
         zeroshot_templates: Prompt templates with one ``{}``; () = the default ensemble of
             ``llm2clip.eval.zeroshot.DEFAULT_TEMPLATES``.
         model_cache_dir: GGUF conversion cache, used when ``caption_encoder`` is a model spec.
+        max_length: Tokens per caption, template included (longer captions are cut; the stage
+            counts them); 0 = the encoder's own budget from its settings file (what it was
+            trained with). Another value makes other vectors than the encoder's own ``encode``.
     """
 
     dtype: Literal["float16", "float32"] = "float16"
@@ -43,13 +46,14 @@ class EmbedCaptionsConfig:
     zeroshot_splits: tuple[str, ...] = ("val",)
     zeroshot_templates: tuple[str, ...] = ()
     model_cache_dir: str = ".cache/models"
+    max_length: int = 0
 
     def __post_init__(self) -> None:
         where = "embed_captions"
         for key in ("max_batch_size", "num_workers"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("max_tokens", "threads"):
+        for key in ("max_tokens", "threads", "max_length"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
         for t in self.zeroshot_templates:

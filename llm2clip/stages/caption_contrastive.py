@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 
@@ -17,19 +18,24 @@ import torch
 from llm2clip.config import CaptionContrastiveConfig, CommonConfig, config_hash
 from llm2clip.io import StageError, atomic_write_json, dir_fingerprint, output_dir
 from llm2clip.text import contrastive
+from llm2clip.text.adapters import check_adapter_dirs, merge_adapters
 from llm2clip.text.artifacts import probe_embeddings, write_encoder_dir
 from llm2clip.text.cra import caption_retrieval_accuracy
 from llm2clip.text.data import read_splits
 from llm2clip.text.encoder import SETTINGS_FILE, CaptionEncoder, EncoderSettings
 from llm2clip.text.loading import load_model, load_tokenizer, resolve_model
+from llm2clip.text.pairs import load_text_pairs
+from llm2clip.text.truncation import TruncationCount
 from llm2clip.tracking import Tracker
 from llm2clip.train import checkpoint
 from llm2clip.train.distributed import DistContext, run_on_every_rank
 from llm2clip.train.precision import resolve_precision
 
+log = logging.getLogger(__name__)
 STAGE = "caption_contrastive"
 CRA_BEFORE = "cra_before.json"
 MNTP_LOSSES = "mntp_losses.json"
+MNTP_TRUNCATION = "mntp_truncation.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,31 +66,37 @@ def run(cfg: CaptionContrastiveConfig, common: CommonConfig, *, data: str, capti
 
 def _backbone(cfg, source: str, store: checkpoint.CheckpointStore, texts: list[str], seed: int, precision: str,
               ctx: DistContext):
-    """The model to tune: the base model, or (mntp_steps > 0) the base model after MNTP."""
+    """The model to tune: the base model (with ``init_adapters`` merged), or (mntp_steps > 0) that
+    model after MNTP."""
     ckpt_dir = store.local
     mntp_dir = ckpt_dir / "mntp"
     if cfg.mntp_steps and not (mntp_dir / "config.json").is_file():
         from llm2clip.text.mntp import train_mntp
 
         lm = load_model(source, causal_lm=True, attn_implementation=cfg.attn_implementation)
+        lm = merge_adapters(lm, cfg.init_adapters, f"{STAGE}.init_adapters")
+        cut = TruncationCount()
         merged, losses = train_mntp(lm, load_tokenizer(source), texts, cfg, seed=seed, precision=precision,
-                                    ctx=ctx)
+                                    ctx=ctx, truncation=cut)
         backbone = merged.base_model
         if ctx.is_main:  # kept, so a resumed run does not redo MNTP
             backbone.save_pretrained(ckpt_dir / "tmp-mntp")
             atomic_write_json(ckpt_dir / "tmp-mntp" / MNTP_LOSSES, losses)
+            atomic_write_json(ckpt_dir / "tmp-mntp" / MNTP_TRUNCATION, cut.to_dict(cfg.max_length))
             (ckpt_dir / "tmp-mntp").rename(mntp_dir)
             store.push("mntp")
         ctx.barrier()
         return backbone
-    path = str(mntp_dir) if cfg.mntp_steps else source
-    return load_model(path, attn_implementation=cfg.attn_implementation)
+    if cfg.mntp_steps:
+        return load_model(str(mntp_dir), attn_implementation=cfg.attn_implementation)
+    model = load_model(source, attn_implementation=cfg.attn_implementation)
+    return merge_adapters(model, cfg.init_adapters, f"{STAGE}.init_adapters")
 
 
-def _mntp_losses(store: checkpoint.CheckpointStore) -> list[float]:
-    """The MNTP loss per step, kept beside the MNTP weights (empty when MNTP is off)."""
-    path = store.local / "mntp" / MNTP_LOSSES
-    return json.loads(path.read_text()) if path.is_file() else []
+def _mntp_output(store: checkpoint.CheckpointStore, name: str, empty):
+    """A file kept beside the MNTP weights (loss per step, truncation), or ``empty`` when MNTP is off."""
+    path = store.local / "mntp" / name
+    return json.loads(path.read_text()) if path.is_file() else empty
 
 
 def _cra(encoder, images, common, cfg, store: checkpoint.CheckpointStore | None = None) -> dict[str, float]:
@@ -99,12 +111,31 @@ def _cra(encoder, images, common, cfg, store: checkpoint.CheckpointStore | None 
     return result
 
 
+def _text_pairs(cfg, common):
+    """The text pairs to mix in and one summary per file (none when ``text_pair_ratio`` is 0)."""
+    if not cfg.text_pair_ratio:
+        return [], []
+    try:
+        return load_text_pairs(cfg.text_pairs, cfg.instruction, common.s3_endpoint_url)
+    except (OSError, ValueError) as err:
+        raise StageError(f"{STAGE}.text_pairs: {err}") from err
+
+
+def _warn_truncation(cfg, counts: dict[str, TruncationCount]) -> None:
+    """One warning line when any caption was cut at ``max_length``."""
+    cut = [count.describe(what, cfg.max_length) for what, count in counts.items() if count.truncated]
+    if cut:
+        log.warning("%s: %s; caption_contrastive.max_length sets the budget", STAGE, "; ".join(cut))
+
+
 def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str, started: float):
     seed = common.seed + cfg.seed_offset
     try:
         precision = resolve_precision(cfg.precision, ctx.device)
     except ValueError as err:
         raise StageError(f"{STAGE}.precision: {err}") from err
+    adapters = check_adapter_dirs(cfg.init_adapters, f"{STAGE}.init_adapters")  # fail before any loading
+    text_pairs, text_sources = _text_pairs(cfg, common)
     splits = read_splits(data, caption_fields=common.caption_fields, endpoint_url=common.s3_endpoint_url)
     train_images, val_images = splits["train"], splits["val"]
     if not val_images:
@@ -118,6 +149,8 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str
     data_sha = dir_fingerprint(data, common.s3_endpoint_url)
     identity = {"config": config_hash(cfg), "seed": seed, "caption_fields": list(common.caption_fields),
                 "world_size": ctx.world_size, "data": data_sha}
+    if adapters or text_sources:  # what the config's paths held: a changed file is a fresh start
+        identity.update(init_adapters=[a["sha256"] for a in adapters], text_pairs=text_sources)
     # next to the output (a sibling S3 prefix for an s3:// output), so a lost pod or node resumes
     store = checkpoint.CheckpointStore.at(cfg.checkpoint_dir or f"{output.rstrip('/')}.ckpt", common.s3_endpoint_url)
     checkpoint.prepare_dir(store, identity, ctx)
@@ -139,27 +172,39 @@ def _run(cfg, common, ctx: DistContext, tracker: Tracker, data: str, output: str
     try:
         outcome = contrastive.train(encoder, train_images, cfg, caption_fields=common.caption_fields,
                                     seed=seed, precision=precision, ckpt_dir=store, ctx=ctx,
-                                    on_log=lambda step, metrics: tracker.log_metrics(metrics, step))
+                                    on_log=lambda step, metrics: tracker.log_metrics(metrics, step),
+                                    text_pairs=text_pairs)
     except ValueError as err:
         raise StageError(str(err)) from err
     result = None
     if ctx.is_main:
-        after = _cra(encoder, val_images, common, cfg)
+        with encoder.count_truncation() as cra_cut:  # the val captions; "before" cut the same ones
+            after = _cra(encoder, val_images, common, cfg)
+        mntp_cut = TruncationCount.from_dict(_mntp_output(store, MNTP_TRUNCATION, {}))
+        _warn_truncation(cfg, {"training": outcome.truncation, "MNTP": mntp_cut, "CRA": cra_cut})
         result = CaptionContrastiveResult(output, before["cra"], after["cra"], outcome.steps,
                                           outcome.resumed_from, len(train_images), int(after["pairs"]),
                                           time.monotonic() - started)
         metrics = {"cra_before": before["cra"], "cra_after": after["cra"],
                    "cra_gain": after["cra"] - before["cra"], "final_loss": outcome.losses[-1],
-                   "steps": outcome.steps, "wall_time_s": result.wall_time_s}
+                   "steps": outcome.steps, "wall_time_s": result.wall_time_s,
+                   **outcome.truncation.metrics(), **cra_cut.metrics("cra_"),
+                   **(mntp_cut.metrics("mntp_") if cfg.mntp_steps else {})}
         manifest = {
             "stage": STAGE, "config_hash": config_hash(common, cfg), "base_model": cfg.model,
             "resolved_model": source, "cra_before": before, "cra_after": after,
             "data": {"manifest_sha256": data_sha, "train_images": len(train_images),
-                     "val_images": len(val_images), "cra_pairs": result.cra_pairs},
+                     "val_images": len(val_images), "cra_pairs": result.cra_pairs,
+                     "cra_truncation": cra_cut.to_dict(cfg.max_length),
+                     "text_pairs": {"ratio": cfg.text_pair_ratio, "pairs": len(text_pairs),
+                                    "sources": text_sources}},
             "training": {"steps": outcome.steps, "resumed_from": outcome.resumed_from,
                          "world_size": ctx.world_size, "global_batch": cfg.batch_size * ctx.world_size,
+                         "text_pairs_per_step": outcome.text_pairs_per_step, "init_adapters": adapters,
                          "mntp_steps": cfg.mntp_steps, "loop_wall_time_s": outcome.wall_time_s,
-                         "losses": outcome.losses, "mntp_losses": _mntp_losses(store),
+                         "losses": outcome.losses, "mntp_losses": _mntp_output(store, MNTP_LOSSES, []),
+                         "truncation": outcome.truncation.to_dict(cfg.max_length),
+                         "mntp_truncation": mntp_cut.to_dict(cfg.max_length),
                          "precision": precision},
             "wall_time_s": result.wall_time_s,
             "probe": probe_embeddings(encoder, val_images, common.caption_fields),

@@ -26,6 +26,7 @@ from llm2clip.io import StageError, dir_fingerprint, output_dir
 from llm2clip.lineage import check_caption_encoder_dir
 from llm2clip.text import embed
 from llm2clip.text.loading import resolve_model
+from llm2clip.text.truncation import TruncationCount
 from llm2clip.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def _options(cfg: EmbedCaptionsConfig, common: CommonConfig, source: str, out: P
         max_tokens=cfg.max_tokens or (16384 if device == "cuda" else 1024),
         max_batch_size=cfg.max_batch_size, device=device, precision=precision,
         threads=cfg.threads or max(1, cores // cfg.num_workers), endpoint_url=common.s3_endpoint_url,
+        max_length=cfg.max_length,
     )
 
 
@@ -102,24 +104,40 @@ def _write_zeroshot(out: Path, sets: list[tuple], vectors, cfg: EmbedCaptionsCon
     return written
 
 
+def _settings(cfg: EmbedCaptionsConfig, source: str):
+    """The encoder's settings as this run embeds with them (``max_length`` overridden if set)."""
+    settings = embed.encoder_settings(source)
+    return dataclasses.replace(settings, max_length=cfg.max_length) if cfg.max_length else settings
+
+
+def _stats(markers: list[dict]) -> embed.EmbedStats:
+    stats = embed.EmbedStats()
+    for m in markers:
+        stats.add(embed.EmbedStats(**m["stats"]))
+    return stats
+
+
 def _manifest(cfg, common, data, source, identity, markers, zeroshot, endpoint) -> dict:
+    settings = _settings(cfg, source)
+    stats = _stats(markers)
     return sidecars.build_manifest(
         identity, markers, zeroshot, config_hash=config_hash(common, cfg),
-        encoder={"path": source, "settings": embed.encoder_settings(source).to_dict()},
+        encoder={"path": source, "settings": settings.to_dict()},
         data={"path": data, "manifest_sha256": dir_fingerprint(data, endpoint)},
+        stats={"captions": stats.captions, "unique_captions": stats.unique, "tokens": stats.tokens,
+               "truncation": stats.truncation().to_dict(settings.max_length)},
     )
 
 
-def _metrics(made: list[dict], kept: int, seconds: float, prompts: int) -> dict[str, float]:
-    stats = embed.EmbedStats()
-    for m in made:
-        stats.add(embed.EmbedStats(**m["stats"]))
+def _metrics(made: list[dict], kept: list[dict], seconds: float, prompts: int) -> dict[str, float]:
+    stats = _stats(made)
     captions = stats.captions + prompts
     return {"captions": captions, "unique_captions": stats.unique, "tokens": stats.tokens,
             "padding_fraction": 1 - stats.tokens / max(1, stats.padded_tokens),
             "captions_per_s": captions / max(seconds, 1e-9),
             "tokens_per_s": stats.tokens / max(seconds, 1e-9),
-            "sidecars_made": len(made), "sidecars_kept": kept, "embed_seconds": seconds}
+            "sidecars_made": len(made), "sidecars_kept": len(kept), "embed_seconds": seconds,
+            **_stats(made + kept).truncation().metrics()}  # truncation: of the whole output
 
 
 def _log_summary(m: dict, metrics: dict, where: str) -> None:
@@ -150,10 +168,11 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
     source = resolve_model(caption_encoder, cfg.model_cache_dir)
     check_caption_encoder_dir(caption_encoder, source)
     fingerprint = embed.encoder_fingerprint(source)
-    # what a finished sidecar must have been made with to be kept by a rerun
+    # what a finished sidecar must have been made with to be kept by a rerun (max_length None: the
+    # encoder's own, which its fingerprint covers; markers written before the key existed read None)
     identity = {"format_version": sidecars.FORMAT_VERSION, "fingerprint": fingerprint, "dtype": cfg.dtype,
                 "normalized": cfg.normalize, "caption_fields": list(common.caption_fields),
-                "precision": _device(cfg)[1]}
+                "precision": _device(cfg)[1], "max_length": cfg.max_length or None}
     inputs = {"data": data} | ({"caption_encoder": source} if Path(source, "manifest.json").is_file() else {})
     with stage_run(STAGE, cfg, common, inputs=inputs, pipeline_run_id=pipeline_run_id) as tracker:
         tracker.set_tags({"llm2clip.encoder_fingerprint": fingerprint})
@@ -176,9 +195,13 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
             body = _manifest(cfg, common, data, source, identity, made + kept, zeroshot, endpoint)
             body = write_manifest(STAGE, out, body)  # last: the commit mark
             tracker.log_artifact(out / "manifest.json")
-        metrics = _metrics(made, len(kept), seconds, len(prompts))
+        metrics = _metrics(made, kept, seconds, len(prompts))
         tracker.log_metrics(metrics)
     _log_summary(body, metrics, str(embeddings))
+    truncation = body["stats"]["truncation"]
+    if truncation["truncated_captions"]:
+        log.warning("%s; embed_captions.max_length sets the budget",
+                    TruncationCount.from_dict(truncation).describe("embed_captions", truncation["max_length"]))
     return EmbedCaptionsResult(
         embeddings=str(embeddings), sidecars=len(made) + len(kept), reused=len(kept),
         samples=body["counts"]["samples"], captions=body["counts"]["captions"], dim=body["dim"],

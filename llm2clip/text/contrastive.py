@@ -2,8 +2,9 @@
 
 Each step every rank takes ``batch_size`` images of the global batch; per image two distinct
 captions become (query, positive) and a caption of the positive's type from another image is
-the hard negative. The loss (:func:`llm2clip.losses.caption_contrastive_loss`) lets every query
-compete against all positives and hard negatives of all ranks.
+the hard negative. With ``text_pair_ratio`` > 0 a share of the global batch is text pairs
+instead (:mod:`llm2clip.text.pairs`). The loss (:func:`llm2clip.losses.caption_contrastive_loss`)
+lets every query compete against all positives and hard negatives of all ranks.
 
 Determinism and resume: the batch of (step, rank) and the RNG state used in that step are pure
 functions of ``(seed, step, rank)``, so a run restarted from a checkpoint at step ``k`` sees
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +26,8 @@ from llm2clip.hf import set_activation_checkpointing
 from llm2clip.losses import caption_contrastive_loss
 from llm2clip.text.data import ImageCaptions
 from llm2clip.text.encoder import CaptionEncoder
+from llm2clip.text.pairs import TextPair, TextPairSampler, split_evenly
+from llm2clip.text.truncation import TruncationCount
 from llm2clip.train import checkpoint
 from llm2clip.train.distributed import DistContext, all_reduce_mean
 from llm2clip.train.engine import build_engine, full_fp32_parameters
@@ -33,37 +37,61 @@ from llm2clip.train.optim import trainable_groups
 log = logging.getLogger(__name__)
 
 
+class StepBatch(NamedTuple):
+    """What one rank embeds in one step (``n`` each; captions first, then text pairs)."""
+
+    queries: list[str]
+    positives: list[str]
+    negatives: list[str]
+    instructions: list[str]  # put before each query
+
+
 class PairSampler:
-    """Deterministic (query, positive, hard negative) caption triples per step and rank.
+    """Deterministic (query, positive, hard negative) triples per step and rank.
 
     Images are visited in a fresh permutation every epoch, ``world * batch_size`` distinct
-    images per step (no image appears twice in one global batch).
+    images per step (no image appears twice in one global batch). With text pairs,
+    ``round(text_ratio * world * batch_size)`` of those slots are text pairs (spread evenly over
+    ranks, their own permutation and epochs), the rest images.
 
     Args:
         images: Captions per image as ``[(field, caption), ...]``; images with < 2 are dropped.
-        batch_size: Images per rank and step.
+        batch_size: Pairs per rank and step.
         world_size: Number of ranks.
         seed: Base seed.
+        instruction: Put before every caption query.
+        text_pairs: Text pairs to mix in (each with its own instruction).
+        text_ratio: Share of the global batch that is text pairs (0: captions only).
     """
 
     def __init__(self, images: list[list[tuple[str, str]]], batch_size: int, world_size: int,
-                 seed: int) -> None:
+                 seed: int, *, instruction: str = "", text_pairs: Sequence[TextPair] = (),
+                 text_ratio: float = 0.0) -> None:
         self.images = [i for i in images if len(i) >= 2]
         self.batch_size, self.world_size, self.seed = batch_size, world_size, seed
+        self.instruction = instruction
         self.global_batch = batch_size * world_size
-        if len(self.images) < max(2, self.global_batch):
+        self.text_per_step = min(round(text_ratio * self.global_batch), self.global_batch - 1) if text_ratio else 0
+        if text_ratio and not self.text_per_step:
+            raise ValueError(f"text_pair_ratio {text_ratio} of a global batch of {self.global_batch} is no "
+                             "text pair at all: raise text_pair_ratio or batch_size")
+        self.captions_per_step = self.global_batch - self.text_per_step
+        if len(self.images) < max(2, self.captions_per_step):
             raise ValueError(f"{len(self.images)} images with two captions, but a global batch needs "
-                             f"{self.global_batch} (batch_size x ranks): lower batch_size")
-        self.steps_per_epoch = len(self.images) // self.global_batch
+                             f"{self.captions_per_step} (batch_size x ranks): lower batch_size")
+        self.steps_per_epoch = len(self.images) // self.captions_per_step
+        self.text = TextPairSampler(text_pairs, self.text_per_step, seed) if self.text_per_step else None
 
-    def batch(self, step: int, rank: int) -> tuple[list[str], list[str], list[str]]:
-        """Queries, positives and hard negatives (``batch_size`` each) of 1-based ``step``."""
+    def batch(self, step: int, rank: int) -> StepBatch:
+        """Queries, positives, hard negatives and query instructions (``batch_size`` each) of 1-based
+        ``step``."""
+        text_offset, text_count = split_evenly(self.text_per_step, self.world_size, rank)
         epoch, within = divmod(step - 1, self.steps_per_epoch)
         perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + epoch))
-        start = within * self.global_batch + rank * self.batch_size
+        start = within * self.captions_per_step + rank * self.batch_size - text_offset
         rng = random.Random(step_seed(self.seed, step, rank))
         queries, positives, negatives = [], [], []
-        for index in perm[start : start + self.batch_size].tolist():
+        for index in perm[start : start + self.batch_size - text_count].tolist():
             (_, query), (kind, positive) = rng.sample(self.images[index], 2)
             other = rng.randrange(len(self.images) - 1)
             other += other >= index  # any image but this one
@@ -71,7 +99,14 @@ class PairSampler:
             queries.append(query)
             positives.append(positive)
             negatives.append(rng.choice(same_kind))
-        return queries, positives, negatives
+        instructions = [self.instruction] * len(queries)
+        for query, positive, negative, instruction in (self.text.take(step, rank, text_offset, text_count)
+                                                       if self.text is not None else ()):
+            queries.append(query)
+            positives.append(positive)
+            negatives.append(negative)
+            instructions.append(instruction)
+        return StepBatch(queries, positives, negatives, instructions)
 
 
 def _last_layers(model: torch.nn.Module, count: int) -> dict:
@@ -127,16 +162,20 @@ class TrainOutcome:
         steps: Last step done.
         resumed_from: Step of the checkpoint the run resumed from (0: fresh start).
         wall_time_s: Seconds spent in this process's loop.
+        truncation: Texts cut at ``max_length`` over all steps and ranks (resumed runs included).
+        text_pairs_per_step: Text pairs in each global batch (0: captions only).
     """
 
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     resumed_from: int = 0
     wall_time_s: float = 0.0
+    truncation: TruncationCount = field(default_factory=TruncationCount)
+    text_pairs_per_step: int = 0
 
 
 def _embed_step(engine, encoder: CaptionEncoder, sampler: PairSampler, step: int, rank: int,
-                instruction: str, hard_negatives: bool, buckets: int = 2) -> list[torch.Tensor]:
+                hard_negatives: bool, buckets: int = 2) -> list[torch.Tensor]:
     """Embed the step's queries, positives (and hard negatives) with gradient.
 
     Short and dense captions differ a lot in length, so the texts are sorted by length and run
@@ -146,9 +185,9 @@ def _embed_step(engine, encoder: CaptionEncoder, sampler: PairSampler, step: int
     Returns:
         ``[queries (B, D), positives (B, D)]`` plus ``hard negatives (B, D)`` if enabled.
     """
-    queries, positives, negatives = sampler.batch(step, rank)
+    queries, positives, negatives, query_instructions = sampler.batch(step, rank)
     texts = queries + positives + (negatives if hard_negatives else [])
-    instructions = [instruction] * len(queries) + [""] * (len(texts) - len(queries))
+    instructions = query_instructions + [""] * (len(texts) - len(queries))
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     size = -(-len(order) // buckets)
     parts = []
@@ -164,7 +203,8 @@ def _embed_step(engine, encoder: CaptionEncoder, sampler: PairSampler, step: int
 def train(encoder: CaptionEncoder, images: list[ImageCaptions], cfg: CaptionContrastiveConfig, *,
           caption_fields: tuple[str, ...], seed: int, precision: str,
           ckpt_dir: checkpoint.CheckpointStore | None, ctx: DistContext,
-          on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainOutcome:
+          on_log: Callable[[int, dict[str, float]], None] | None = None,
+          text_pairs: Sequence[TextPair] = ()) -> TrainOutcome:
     """Train ``encoder.model`` (a peft LoRA model) in place through DeepSpeed; every rank calls it.
 
     Args:
@@ -178,30 +218,44 @@ def train(encoder: CaptionEncoder, images: list[ImageCaptions], cfg: CaptionCont
         ctx: The distributed context.
         on_log: Called on rank 0 every ``cfg.log_every`` steps with ``(step, window averages)``
             of ``train_loss`` and ``lr``.
+        text_pairs: Text pairs mixed in at ``cfg.text_pair_ratio`` (:mod:`llm2clip.text.pairs`).
 
     Returns:
         The loss curve and step counts.
     """
-    sampler = PairSampler([i.flat(caption_fields) for i in images], cfg.batch_size, ctx.world_size, seed)
+    sampler = PairSampler([i.flat(caption_fields) for i in images], cfg.batch_size, ctx.world_size, seed,
+                          instruction=cfg.instruction, text_pairs=text_pairs,
+                          text_ratio=cfg.text_pair_ratio if text_pairs else 0.0)
+    if sampler.text_per_step:
+        log.info("global batch of %d: %d caption pairs + %d text pairs", sampler.global_batch,
+                 sampler.captions_per_step, sampler.text_per_step)
     engine = build_engine(encoder, trainable_groups(encoder, cfg.weight_decay), cfg, world_size=ctx.world_size,
                           precision=precision, total_steps=cfg.max_steps, schedule="linear")
-    outcome = TrainOutcome()
+    outcome = TrainOutcome(text_pairs_per_step=sampler.text_per_step)
     loop = StepLoop(engine, "caption_contrastive", cfg.max_steps, cfg, ctx, ckpt_dir,
                     on_log and (lambda step, m: on_log(step, {"train_loss": m["loss"], "lr": m["lr"]})))
     state = loop.resume(ckpt_dir.local if ckpt_dir is not None else None)
+    before = TruncationCount()  # what the steps before a resume cut (all ranks)
     if state:
         outcome.losses = list(state["losses"])
         outcome.resumed_from = outcome.steps = loop.step
-    with loop:
+        before = TruncationCount.from_dict(state.get("truncation"))
+
+    def cut_so_far() -> TruncationCount:  # a collective: every rank checkpoints (and ends) together
+        return TruncationCount().merge(before).merge(cut.all_reduce(ctx.device))
+
+    with loop, encoder.count_truncation() as cut:  # this process's steps, this rank
         for step in range(outcome.steps + 1, cfg.max_steps + 1):
             torch.manual_seed(step_seed(seed, step, ctx.rank))  # dropout of this step, resumable
-            parts = _embed_step(engine, encoder, sampler, step, ctx.rank, cfg.instruction, cfg.hard_negatives)
+            parts = _embed_step(engine, encoder, sampler, step, ctx.rank, cfg.hard_negatives)
             loss = caption_contrastive_loss(*parts, scale=cfg.scale)
             engine.backward(loss)
             engine.step()
             outcome.losses.append(float(all_reduce_mean(loss.detach())))
             outcome.steps = step
-            loop.end_step({"loss": outcome.losses[-1], "lr": engine.get_lr()[0]}, lambda: {"losses": outcome.losses})
+            loop.end_step({"loss": outcome.losses[-1], "lr": engine.get_lr()[0]},
+                          lambda: {"losses": outcome.losses, "truncation": cut_so_far().to_dict()})
+    outcome.truncation = cut_so_far()
     outcome.wall_time_s = loop.wall_time_s
     encoder.model = merge_lora(encoder.model)
     encoder.eval()

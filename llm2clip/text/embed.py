@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from llm2clip.data import sidecars
 from llm2clip.io import StageError, sha256_file
 from llm2clip.text.encoder import SETTINGS_FILE, CaptionEncoder, EncoderSettings
+from llm2clip.text.truncation import TruncationCount
 from llm2clip.train.precision import torch_dtype
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,9 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int,
 
 @dataclass
 class EmbedStats:
-    """Counters of one embedding run (real tokens exclude padding)."""
+    """Counters of one embedding run (real tokens exclude padding; truncation counts distinct
+    captions: ``truncated`` of ``unique`` were cut at ``max_length``, losing ``truncated_tokens``
+    tokens in all and at most ``truncated_tokens_max`` from one caption)."""
 
     captions: int = 0
     unique: int = 0
@@ -129,10 +132,18 @@ class EmbedStats:
     padded_tokens: int = 0
     batches: int = 0
     seconds: float = 0.0
+    truncated: int = 0
+    truncated_tokens: int = 0
+    truncated_tokens_max: int = 0
 
     def add(self, other: EmbedStats) -> None:
         for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            combine = max if f.name == "truncated_tokens_max" else (lambda a, b: a + b)
+            setattr(self, f.name, combine(getattr(self, f.name), getattr(other, f.name)))
+
+    def truncation(self) -> TruncationCount:
+        """The truncation counters as a :class:`~llm2clip.text.truncation.TruncationCount`."""
+        return TruncationCount(self.unique, self.truncated, self.truncated_tokens, self.truncated_tokens_max)
 
 
 @torch.inference_mode()
@@ -148,7 +159,7 @@ def embed_texts(encoder: CaptionEncoder, texts: Sequence[str], *, max_tokens: in
         max_batch_size: Most captions per forward pass.
         normalize: L2-normalise (in fp32).
         on_batch: Called after each batch with its caption count and real-token count.
-        stats: Counters to add to.
+        stats: Counters to add to (truncation at ``encoder.settings.max_length`` included).
 
     Returns:
         ``(N, D)`` float32 on CPU, in input order.
@@ -163,7 +174,10 @@ def embed_texts(encoder: CaptionEncoder, texts: Sequence[str], *, max_tokens: in
     max_padding = 1.0 if encoder.packed is not None else MAX_PADDING
     try:
         for start in range(0, len(unique), CHUNK):
-            enc = encoder.tokenize(list(unique[start : start + CHUNK]))  # each (n, L), padded
+            with encoder.count_truncation() as cut:
+                enc = encoder.tokenize(list(unique[start : start + CHUNK]))  # each (n, L), padded
+            stats.add(EmbedStats(truncated=cut.truncated, truncated_tokens=cut.tokens,
+                                 truncated_tokens_max=cut.tokens_max))
             lengths = enc["attention_mask"].sum(1)
             for idx in plan_batches(lengths.tolist(), max_tokens, max_batch_size, max_padding):
                 rows = torch.tensor(idx)
@@ -210,6 +224,7 @@ class EmbedOptions:
         precision: ``fp32`` or ``bf16`` model weights.
         threads: Torch threads per process.
         endpoint_url: S3 endpoint for ``s3://`` image shards.
+        max_length: Token budget per caption; 0 = the encoder's own (its settings file).
     """
 
     encoder: str
@@ -224,6 +239,7 @@ class EmbedOptions:
     precision: str = "fp32"
     threads: int = 1
     endpoint_url: str = ""
+    max_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -243,7 +259,8 @@ def load_encoder(opts: EmbedOptions, worker: int = 0) -> CaptionEncoder:
     if device == "cuda":
         device = f"cuda:{worker % max(1, torch.cuda.device_count())}"
     dtype = torch_dtype(opts.precision)
-    encoder = CaptionEncoder.from_pretrained(opts.encoder, dtype=dtype, device=device).eval()
+    encoder = CaptionEncoder.from_pretrained(opts.encoder, dtype=dtype, device=device,
+                                             max_length=opts.max_length or None).eval()
     encoder.enable_packed_inference()
     return encoder
 

@@ -17,11 +17,13 @@ How a caption is embedded (and the settings file that pins it for later stages):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +35,7 @@ from torch import nn
 from llm2clip.io import atomic_write_json
 from llm2clip.text.loading import load_model, load_tokenizer, model_max_length, resolve_model
 from llm2clip.text.packed import PackedDecoder
+from llm2clip.text.truncation import TruncationCount, tokens_cut
 from llm2clip.train.precision import resolve_precision, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -198,6 +201,21 @@ class CaptionEncoder(nn.Module):
         self._takes_position_ids = "position_ids" in accepted
         self._takes_token_types = "token_type_ids" in accepted
         self.packed: PackedDecoder | None = None  # see enable_packed_inference
+        self._truncation: TruncationCount | None = None  # see count_truncation
+
+    @contextlib.contextmanager
+    def count_truncation(self) -> Iterator[TruncationCount]:
+        """Count what :meth:`tokenize` cuts at ``settings.max_length`` inside the block.
+
+        Yields a fresh :class:`~llm2clip.text.truncation.TruncationCount`; an enclosing block's
+        count gets the inner counts too when the inner block ends.
+        """
+        outer, self._truncation = self._truncation, TruncationCount()
+        count = self._truncation
+        try:
+            yield count
+        finally:
+            self._truncation = outer.merge(count) if outer is not None else None
 
     def enable_packed_inference(self) -> bool:
         """Embed through :class:`llm2clip.text.packed.PackedDecoder` when the model allows it.
@@ -230,6 +248,8 @@ class CaptionEncoder(nn.Module):
         Returns:
             ``input_ids``, ``attention_mask`` (both ``(B, L)``), ``position_ids`` ``(B, L)``,
             ``pool_mask`` ``(B, L)`` bool, and ``token_type_ids`` if the tokenizer makes them.
+            Rendered texts longer than ``settings.max_length`` are cut at the end; inside
+            :meth:`count_truncation` they are counted.
         """
         if instructions is None:
             instructions = [self.settings.instruction] * len(texts)
@@ -240,6 +260,9 @@ class CaptionEncoder(nn.Module):
         )
         offsets = enc.pop("offset_mapping")  # (B, L, 2) character spans; special tokens (0, 0)
         mask = enc["attention_mask"].bool()
+        if self._truncation is not None:
+            self._truncation.add(tokens_cut(self.tokenizer, [r for r, _ in rendered], mask.sum(1).tolist(),
+                                            self.settings.max_length))
         starts = torch.tensor([s for _, s in rendered]).unsqueeze(1)  # (B, 1)
         # The pooled span starts at the first token that ends inside the caption (or after it);
         # with no prefix everything is pooled, leading specials too (= sentence-transformers).

@@ -18,6 +18,7 @@ from torch import nn
 from llm2clip.config import CaptionContrastiveConfig
 from llm2clip.text.contrastive import add_lora, merge_lora
 from llm2clip.text.encoder import bidirectional_mask, set_causal
+from llm2clip.text.truncation import TruncationCount, tokens_cut
 from llm2clip.train.distributed import DistContext, all_reduce_mean
 from llm2clip.train.engine import build_engine
 from llm2clip.train.loop import StepLoop, step_seed
@@ -71,11 +72,14 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special: 
 
 
 def _mntp_batch(tokenizer, texts: list[str], cfg: CaptionContrastiveConfig, step: int, rank: int,
-                seed: int, mask_id: int, vocab_size: int) -> dict[str, torch.Tensor]:
+                seed: int, mask_id: int, vocab_size: int, truncation: TruncationCount | None = None
+                ) -> dict[str, torch.Tensor]:
     rng = random.Random(step_seed(seed, step, rank))
     chosen = [texts[rng.randrange(len(texts))] for _ in range(cfg.mntp_batch_size)]
     enc = tokenizer(chosen, padding=True, truncation=True, max_length=cfg.max_length,
                     return_special_tokens_mask=True, return_tensors="pt")
+    if truncation is not None:
+        truncation.add(tokens_cut(tokenizer, chosen, enc["attention_mask"].sum(1).tolist(), cfg.max_length))
     generator = torch.Generator().manual_seed(step_seed(seed, step, rank))
     ids, labels = mask_tokens(enc["input_ids"], enc["attention_mask"], enc["special_tokens_mask"].bool(),
                               cfg.mntp_probability, mask_id, vocab_size, generator)
@@ -102,7 +106,8 @@ class _MNTPModel(nn.Module):
 
 
 def train_mntp(causal_lm: nn.Module, tokenizer, texts: list[str], cfg: CaptionContrastiveConfig, *,
-               seed: int, precision: str, ctx: DistContext) -> tuple[nn.Module, list[float]]:
+               seed: int, precision: str, ctx: DistContext, truncation: TruncationCount | None = None
+               ) -> tuple[nn.Module, list[float]]:
     """Run ``cfg.mntp_steps`` MNTP steps with a fresh LoRA and return the merged causal LM.
 
     Args:
@@ -113,6 +118,7 @@ def train_mntp(causal_lm: nn.Module, tokenizer, texts: list[str], cfg: CaptionCo
         seed: Base seed.
         precision: Resolved precision (:func:`llm2clip.train.precision.resolve_precision`).
         ctx: Distributed context (every rank calls this).
+        truncation: Gets the captions cut at ``cfg.max_length``, summed over steps and ranks.
 
     Returns:
         The causal LM with the MNTP LoRA merged (plain HF model, fp32), and the mean loss over
@@ -129,6 +135,7 @@ def train_mntp(causal_lm: nn.Module, tokenizer, texts: list[str], cfg: CaptionCo
     mask_id, vocab = mask_token_id(tokenizer), causal_lm.config.vocab_size
     mntp_seed = seed + 17  # its own stream, so MNTP on/off does not change the contrastive data
     losses: list[float] = []
+    cut = TruncationCount()
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         log.info("mntp step %d/%d loss %.4f", step, cfg.mntp_steps, metrics["loss"])
@@ -136,11 +143,13 @@ def train_mntp(causal_lm: nn.Module, tokenizer, texts: list[str], cfg: CaptionCo
     with StepLoop(engine, "mntp", cfg.mntp_steps, cfg, ctx, on_log=on_log) as loop:
         for step in range(1, cfg.mntp_steps + 1):
             torch.manual_seed(step_seed(mntp_seed, step, ctx.rank))
-            loss = engine(**_mntp_batch(tokenizer, texts, cfg, step, ctx.rank, mntp_seed, mask_id, vocab))
+            loss = engine(**_mntp_batch(tokenizer, texts, cfg, step, ctx.rank, mntp_seed, mask_id, vocab, cut))
             engine.backward(loss)
             engine.step()
             losses.append(float(all_reduce_mean(loss.detach())))  # a collective: every rank joins
             loop.end_step({"loss": losses[-1]}, dict)
+    if truncation is not None:
+        truncation.merge(cut.all_reduce(ctx.device))
     merged = merge_lora(model.lm)
     if cfg.bidirectional:
         set_causal(merged, True)  # the encoder decides attention again from its settings

@@ -175,6 +175,10 @@ def test_stage_end_to_end_contract(prepared, tmp_path, sqlite_tracking):
         len(s.captions[f]) for s in iter_samples(prepared, "train", decode=False) for f in ("short", "dense")
     ) + grid.shape[0] * grid.shape[1]
     assert run.data.metrics["captions_per_s"] > 0 and run.data.metrics["tokens"] > 0
+    assert run.data.metrics["truncated_captions"] == 0 == run.data.metrics["truncated_tokens_max"]
+    assert manifest["stats"]["truncation"] == {  # nothing is near MiniLM's 256 tokens
+        "captions": manifest["stats"]["unique_captions"], "truncated_captions": 0, "truncated_fraction": 0.0,
+        "truncated_tokens": 0, "truncated_tokens_max": 0, "max_length": 256}
     assert run.data.tags["llm2clip.encoder_fingerprint"] == result.fingerprint
 
 
@@ -200,6 +204,43 @@ def test_rerun_keeps_verified_sidecars_and_remakes_the_rest(prepared, tiny_encod
     direct = embed_texts(encoder, sample.captions["dense"], normalize=False).numpy()
     np.testing.assert_allclose(arrays["dense"], direct, atol=1e-5)
     assert arrays["dense"].dtype == np.float32 and np.linalg.norm(direct) != pytest.approx(1.0)
+
+
+def test_max_length_override_cuts_counts_and_remakes(prepared, tiny_encoder, tmp_path, caplog):
+    """embed_captions.max_length: 0 = the encoder's own budget; another one is counted and is part of
+    what a kept sidecar must have been made with."""
+    import logging
+
+    out, cfg = tmp_path / "emb", replace(CFG, zeroshot_splits=(), max_length=8)
+    with caplog.at_level(logging.WARNING, logger="llm2clip.stages.embed_captions"):
+        embed_captions.run(cfg, COMMON, data=prepared, caption_encoder=tiny_encoder, embeddings=str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["encoder"]["settings"]["max_length"] == 8
+
+    encoder = CaptionEncoder.from_pretrained(tiny_encoder, device="cpu")
+    texts = []  # distinct captions per shard: what each shard tokenizes
+    for split in ("train", "val"):
+        samples = iter(iter_samples(prepared, split, decode=False))
+        for shard in load_manifest(prepared)["shards"][split]:
+            batch = [next(samples) for _ in range(shard["count"])]
+            texts += dict.fromkeys(c for s in batch for f in ("short", "dense") for c in s.captions[f])
+    cuts = [max(0, len(encoder.tokenizer(encoder.settings.render(t)[0])["input_ids"]) - 8) for t in texts]
+    stats = manifest["stats"]["truncation"]
+    assert stats == {"captions": len(texts), "truncated_captions": sum(c > 0 for c in cuts),
+                     "truncated_fraction": pytest.approx(sum(c > 0 for c in cuts) / len(texts)),
+                     "truncated_tokens": sum(cuts), "truncated_tokens_max": max(cuts), "max_length": 8}
+    assert stats["truncated_captions"] > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"{stats['truncated_captions']} of {len(texts)} captions" in warnings[0]
+
+    sample, arrays = next(sidecars.iter_lockstep(prepared, str(out), "train", decode=False))
+    short = CaptionEncoder.from_pretrained(tiny_encoder, device="cpu", max_length=8)
+    np.testing.assert_allclose(arrays["dense"].astype(np.float32),
+                               embed_texts(short, sample.captions["dense"]).numpy(), atol=2e-3)
+    again = embed_captions.run(replace(cfg, max_length=0), COMMON, data=prepared, caption_encoder=tiny_encoder,
+                               embeddings=str(out))
+    assert again.reused == 0  # made with another budget: remade
+    assert json.loads((out / "manifest.json").read_text())["stats"]["truncation"]["max_length"] == 128
 
 
 def test_verify_refuses_other_encoder_and_misaligned_keys(prepared, tiny_encoder, tmp_path):

@@ -25,9 +25,10 @@ def test_batches_are_deterministic_distinct_and_well_formed():
     for step in (1, 2, 3, 7):
         per_rank = [sampler.batch(step, r) for r in range(2)]
         assert per_rank == [again.batch(step, r) for r in range(2)]
-        images = [q[1:] for qs, _, _ in per_rank for q in qs]
+        images = [q[1:] for qs, *_ in per_rank for q in qs]
         assert len(set(images)) == 4  # no image twice in a global batch
-        for queries, positives, negatives in per_rank:
+        for queries, positives, negatives, instructions in per_rank:
+            assert instructions == [""] * len(queries)
             for q, p, n in zip(queries, positives, negatives, strict=True):
                 assert q[1:] == p[1:] and q != p  # two different captions of one image
                 assert n[0] == p[0] and n[1:] != p[1:]  # same type as the positive, other image
