@@ -2,5 +2,5 @@
 
     python -m pipelines.compile [--output build/llm2clip_pipeline.yaml]
     python -m pipelines.local [--params params.yaml] [--set section.key=value ...]
-    python -m pipelines.submit --host URL --params params/full.yaml [--set ...]
+    python -m pipelines.submit --host URL --params params/paper-openai-l14-336.yaml [--set ...]
 """

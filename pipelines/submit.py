@@ -1,6 +1,6 @@
 """Upload the pipeline to Kubeflow Pipelines and start (or schedule) a run of it.
 
-    python -m pipelines.submit --params params/full.yaml [--set SECTION.KEY=VALUE ...]
+    python -m pipelines.submit --params params/paper-openai-l14-336.yaml [--set SECTION.KEY=VALUE ...]
         [--cluster cpu|gpu|PATH] [--image TAG] [--gpu-image TAG] [--pipeline-root s3://bucket/root]
         [--experiment NAME] [--run-name NAME] [--namespace NS] [--service-account SA]
         [--pipeline-name llm2clip] [--version-name NAME] [--no-upload] [--no-cache]
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.submit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what runs")
-    what.add_argument("--params", type=Path, required=True, help="params YAML, e.g. params/full.yaml")
+    what.add_argument("--params", type=Path, required=True, help="params YAML, e.g. params/paper-openai-l14-336.yaml")
     what.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="SECTION.KEY=VALUE", help="override one value (repeatable)")
     what.add_argument("--cluster", default=DEFAULT_PROFILE, metavar="cpu|gpu|PATH",

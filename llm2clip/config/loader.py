@@ -4,10 +4,15 @@
 a bad value is a :class:`ConfigError` that names the key (``prepare_data.sources[0].count:
 expected int, got 'many'``) and, for an unknown key, lists the known ones. A union of dataclasses
 (``prepare_data.sources``) is told apart by its ``kind``.
+
+A params file may start from another one: a top-level ``extends: <path relative to this file>``
+deep-merges the file over its base (mappings key by key, lists and scalars replaced), chains are
+followed, and ``--set`` overrides apply to the merged mapping (:func:`read_params_mapping`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -178,9 +183,61 @@ def read_yaml_mapping(path: str | Path, what: str = "params file",
     return raw
 
 
+EXTENDS = "extends"
+"""Top-level key of a params file naming the params file it starts from."""
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base`` (a new mapping; neither is changed).
+
+    Mappings are merged key by key, recursively; anything else in ``over`` (a list, a scalar,
+    ``null``) replaces the base's value whole.
+    """
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_params_mapping(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a params file, its ``extends:`` chain merged in (no validation).
+
+    ``extends: base.yaml`` (a path relative to the file that names it, or absolute) makes the
+    file a set of changes to ``base.yaml``: see :func:`deep_merge`. The base may extend another.
+
+    Raises:
+        ConfigError: A missing file or base, bad YAML, an ``extends`` that is not a path, or a
+            cycle (the message shows the chain).
+    """
+    return _resolve_extends(Path(path), [])
+
+
+def _resolve_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
+    here = path.resolve()
+    if here in chain:
+        names = " -> ".join(str(p) for p in [*chain, here])
+        raise ConfigError(f"{chain[0]}: extends cycle: {names}")
+    raw = read_yaml_mapping(path)
+    if EXTENDS not in raw:
+        return raw
+    base = raw.pop(EXTENDS)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: {EXTENDS}: expected the path of a params file (relative to this "
+                          f"file), got {base!r}")
+    base_path = Path(base).expanduser()
+    if not base_path.is_absolute():
+        base_path = path.parent / base_path
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: {EXTENDS}: base params file not found: {base_path}")
+    return deep_merge(_resolve_extends(base_path, [*chain, here]), raw)
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
-    """Load, override and validate a params file (``None``: all defaults)."""
-    raw = read_yaml_mapping(path) if path is not None else {}
+    """Load (following ``extends:``), override and validate a params file (``None``: all defaults)."""
+    raw = read_params_mapping(path) if path is not None else {}
     return from_dict(Params, apply_overrides(raw, overrides or []))
 
 

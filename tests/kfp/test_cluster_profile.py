@@ -153,7 +153,7 @@ def test_gpu_training_runs_one_process_per_gpu():
     from llm2clip.config import load_params
 
     gpu, cpu = load_cluster_profile("gpu"), load_cluster_profile("cpu")
-    check_fit(gpu, load_params(REPO / "params" / "full.yaml"))  # 8 processes on 8 GPUs per node
+    check_fit(gpu, load_params(REPO / "params" / "paper-openai-l14-336.yaml"))  # 8 processes on 8 GPUs per node
     check_fit(cpu, load_params(REPO / "params.yaml"))  # CPU tasks: any process count
     with pytest.raises(ConfigError, match=r"train_vision.nproc_per_node is 2, .*--set train_vision.nproc_per_node=8"):
-        check_fit(gpu, load_params(REPO / "params" / "full.yaml", ["train_vision.nproc_per_node=2"]))
+        check_fit(gpu, load_params(REPO / "params" / "paper-openai-l14-336.yaml", ["train_vision.nproc_per_node=2"]))

@@ -29,7 +29,7 @@ from pipelines.llm2clip_pipeline import PIPELINE_NAME, pipeline_arguments
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 TOKEN = "tok-3f9c2e71d05b"
-PARAMS = REPO / "params" / "full.yaml"
+PARAMS = REPO / "params" / "paper-openai-l14-336.yaml"
 ENV = ("KFP_HOST", "KFP_TOKEN", "KFP_TOKEN_FILE", "KFP_CA_CERT", "KF_PIPELINES_ENDPOINT",
        "KF_PIPELINES_UI_ENDPOINT", "KUBECONFIG", "KUBERNETES_SERVICE_HOST")
 

@@ -18,6 +18,7 @@ from llm2clip.config import (
     load_params,
     load_sections,
 )
+from llm2clip.config.loader import deep_merge, read_params_mapping
 
 REPO = Path(__file__).resolve().parents[2]
 PARAM_FILES = sorted([REPO / "params.yaml", *(REPO / "params").glob("*.yaml")])
@@ -164,3 +165,132 @@ def test_every_optional_field_defaults_to_none():
                     walk(arg)
 
     walk(cfgmod.Params)
+
+
+# ------------------------------------------------------------------------------ extends: + profiles
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_extends_deep_merges_over_the_base_and_overrides_apply_after(tmp_path, monkeypatch):
+    _write(tmp_path / "base" / "root.yaml", """
+common: {seed: 1, caption_fields: [short, dense, extra]}
+prepare_data:
+  sources: [{kind: synthetic, name: a, count: 10}, {kind: emoji, name: b}]
+  validation: {min_image_side: 40, max_caption_chars: 900}
+train_vision: {lr: 0.01, tower_config: {hidden_size: 32, num_hidden_layers: 2}}
+""")
+    _write(tmp_path / "base" / "mid.yaml", "extends: root.yaml\ncommon: {seed: 2}\ntrain_vision: {lr: 0.02}\n")
+    child = _write(tmp_path / "profiles" / "child.yaml", """
+extends: ../base/mid.yaml    # relative to this file, not to the working directory
+common: {caption_fields: [short]}
+prepare_data:
+  sources: [{kind: synthetic, name: c, count: 3}]
+  validation: {min_image_side: 50}
+train_vision: {tower_config: {num_hidden_layers: 4}}
+""")
+    monkeypatch.chdir(tmp_path / "base")  # a working directory where "../base/mid.yaml" is wrong
+    params = load_params(child)
+    assert params.common.seed == 2  # chain: root <- mid <- child
+    assert params.common.caption_fields == ("short",)  # lists are replaced, not merged
+    assert [s.name for s in params.prepare_data.sources] == ["c"]
+    assert params.prepare_data.validation.min_image_side == 50  # mappings merge key by key
+    assert params.prepare_data.validation.max_caption_chars == 900
+    assert params.train_vision.lr == 0.02
+    assert params.train_vision.tower_config == {"hidden_size": 32, "num_hidden_layers": 4}
+    overridden = load_params(child, ["common.seed=7", "train_vision.lr=0.5"])
+    assert overridden.common.seed == 7 and overridden.train_vision.lr == 0.5
+    assert "extends" not in read_params_mapping(child)
+
+
+def test_extends_cycles_missing_bases_and_bad_values_are_one_clear_error(tmp_path):
+    a = _write(tmp_path / "a.yaml", "extends: b.yaml\ncommon: {seed: 1}\n")
+    _write(tmp_path / "b.yaml", "extends: sub/c.yaml\n")
+    _write(tmp_path / "sub" / "c.yaml", "extends: ../a.yaml\n")
+    with pytest.raises(ConfigError, match=r"extends cycle: .*a\.yaml -> .*b\.yaml -> .*c\.yaml -> .*a\.yaml"):
+        load_params(a)
+    itself = _write(tmp_path / "self.yaml", "extends: self.yaml\n")
+    with pytest.raises(ConfigError, match="extends cycle"):
+        load_params(itself)
+    orphan = _write(tmp_path / "orphan.yaml", "extends: nope/base.yaml\n")
+    with pytest.raises(ConfigError, match=r"orphan\.yaml: extends: base params file not found: .*nope/base\.yaml"):
+        load_params(orphan)
+    for value in ("[a.yaml]", "''", "3"):
+        bad = _write(tmp_path / "bad.yaml", f"extends: {value}\n")
+        with pytest.raises(ConfigError, match="extends: expected the path of a params file"):
+            load_params(bad)
+    _write(tmp_path / "broken.yaml", "common: [unclosed")
+    _write(tmp_path / "on_broken.yaml", "extends: broken.yaml\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_params(tmp_path / "on_broken.yaml")
+    with pytest.raises(ConfigError, match="unknown key extends"):  # only a params file can extend
+        from_dict(Params, {"extends": "params.yaml"})
+
+
+def test_deep_merge_leaves_its_inputs_alone():
+    base = {"a": {"b": [1, 2], "c": 1}, "d": 1}
+    over = {"a": {"b": [3]}, "d": None}
+    assert deep_merge(base, over) == {"a": {"b": [3], "c": 1}, "d": None}
+    assert base == {"a": {"b": [1, 2], "c": 1}, "d": 1} and over == {"a": {"b": [3]}, "d": None}
+
+
+PAPER_PROFILES = sorted((REPO / "params").glob("paper-*.yaml"))
+
+
+def _unset_keys(cls: type, raw: dict, where: str) -> list[str]:
+    """Fields of dataclass ``cls`` that the raw mapping ``raw`` does not list, recursively (nested
+    sections, and each item of a list of dataclasses, by its ``kind`` when it is a union)."""
+    import dataclasses
+    import types
+    import typing
+
+    def classes(tp):
+        if dataclasses.is_dataclass(tp):
+            return [tp]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            return [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return []
+
+    hints, unset = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name not in raw:
+            unset.append(key)
+            continue
+        tp, value = hints[f.name], raw[f.name]
+        if classes(tp) and isinstance(value, dict):
+            unset += _unset_keys(classes(tp)[0], value, key)
+        elif typing.get_origin(tp) is tuple and isinstance(value, list):
+            options = classes(typing.get_args(tp)[0])
+            for i, item in enumerate(value):
+                match = [c for c in options if len(options) == 1 or
+                         any(g.name == "kind" and g.default == item.get("kind") for g in dataclasses.fields(c))]
+                if match and isinstance(item, dict):
+                    unset += _unset_keys(match[0], item, f"{key}[{i}]")
+    return unset
+
+
+def test_there_are_paper_profiles():
+    assert {p.name for p in PAPER_PROFILES} >= {"paper-openai-l14-336.yaml", "paper-eva02-l14-336.yaml"}
+
+
+@pytest.mark.parametrize("path", PAPER_PROFILES, ids=lambda p: p.name)
+def test_paper_profiles_set_every_key_no_silent_demo_defaults(path):
+    """A key a paper profile leaves out takes the small CPU demo's default: every field of common
+    and of every stage section must be written (after ``extends:``), even where the value is the
+    default (then it is a decision, with a comment in the YAML)."""
+    raw = read_params_mapping(path)
+    unset = _unset_keys(Params, raw, "")
+    assert not unset, f"{path.name} leaves these keys at their demo defaults: {unset}"
+
+
+@pytest.mark.parametrize("path", PAPER_PROFILES, ids=lambda p: p.name)
+def test_paper_profiles_embed_captions_of_512_tokens(path):
+    params = load_params(path)
+    assert params.caption_contrastive.max_length == 512  # reference max_seq_length / LLM2Vec max_length
+    if hasattr(params.embed_captions, "max_length"):
+        assert params.embed_captions.max_length == 512
+    assert params.train_vision.embed_dim == 1280 and params.train_vision.image_size == 336
