@@ -4,7 +4,9 @@
     llm2clip <stage> --common-json '{...}' --config-json '{...}' --<input> DIR --<output> DIR
 
 Every subcommand and its ``--<input>``/``--<output>`` flags come from
-:data:`llm2clip.stages.STAGES`; nothing here is written per stage.
+:data:`llm2clip.stages.STAGES`; nothing here is written per stage. One more subcommand is not a
+stage: ``llm2clip import <kind> SRC DST`` turns a released LLM2CLIP checkpoint into our artifacts
+(:mod:`llm2clip.importers`).
 
 A user's mistake (a missing path, no S3 credentials, an unreachable endpoint, a denied
 permission, a bad format, a config error) is one ERROR line that says what to do, exit code 2:
@@ -236,7 +238,45 @@ def build_parser() -> argparse.ArgumentParser:
         for name in spec.outputs:
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=str, required=True,
                            metavar="DIR", help=f"output: {name} directory (local or s3://)")
+    _add_import_parser(sub, debug)
     return parser
+
+
+# ------------------------------------------------------------------------------------ import
+IMPORT = "import"
+IMPORT_KINDS = ("openai-vit", "eva02", "caption-encoder")  # llm2clip.importers.KINDS (a test keeps them equal)
+
+
+def _add_import_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
+    summary = "import a released LLM2CLIP checkpoint (a local snapshot of its Hugging Face repo)"
+    p = sub.add_parser(IMPORT, help=summary, description=f"{summary}; docs/released-checkpoints.md",
+                       parents=[debug])
+    p.add_argument("kind", metavar="KIND", help=f"one of: {', '.join(IMPORT_KINDS)}")
+    p.add_argument("src", metavar="SRC", help="local directory: the snapshot of the released repo")
+    p.add_argument("dst", metavar="DST", help="local directory to write (new or empty)")
+    p.add_argument("--caption-encoder", metavar="DIR",
+                   help="openai-vit/eva02: the imported caption-encoder dir the model pairs with "
+                        "(its fingerprint is recorded, so evaluate checks the embeddings)")
+    p.add_argument("--link", choices=("hardlink", "copy", "symlink"),
+                   help="caption-encoder: how model files get into DST (default hardlink; a copy "
+                        "across filesystems)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous import in DST")
+
+
+def _import(args: argparse.Namespace) -> int:
+    """Run the importer program (:mod:`llm2clip.importers.command`); errors propagate to :func:`main`.
+
+    Run with ``runpy``, not imported: an import here would put the importers, and the vision and
+    text packages behind them, into every stage's code closure (``tests/code_deps.py``, the
+    ``dvc.yaml`` deps), although no stage runs them.
+    """
+    import runpy
+
+    program = runpy.run_module("llm2clip.importers.command")
+    result = program["run"](args.kind, args.src, args.dst, caption_encoder=args.caption_encoder,
+                            link=args.link, overwrite=args.overwrite)
+    log.info("import done: %s", json.dumps(result.summary(), default=str))
+    return 0
 
 
 def _json_flag(flag: str, text: str | None) -> dict:
@@ -278,7 +318,7 @@ def _run(args: argparse.Namespace, context: ErrorContext) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one stage.
+    """Run one stage (or ``import``).
 
     Exit codes: 0 success; 2 a user error (config, paths, credentials, endpoint, permissions,
     formats, a stage's own :class:`StageError`), logged as one ERROR line that says what to do;
@@ -291,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[DEBUG_ENV] = "1"  # torchrun workers run this CLI too
     context = ErrorContext(stage=args.stage)
     try:
-        return _run(args, context)
+        return _import(args) if args.stage == IMPORT else _run(args, context)
     except (Exception, KeyboardInterrupt) as err:
         explained = explain_error(err, context)
         if explained is None:
