@@ -47,6 +47,8 @@ run b256_clip                                                    # the reference
 run b256_siglip --loss siglip
 run b512_zero2_gc --batch-size 512 --zero-stage 2 --gradient-checkpointing --steps 40 --no-peer
 run b256_fp16 --precision fp16 --steps 30 --warmup 5 --no-peer           # the reference precision (loss scaling)
+run l14_336 --shape vit-l-14-336 --batch-size 0 --gradient-checkpointing --steps 10 --warmup 3  # the paper's tower
+run eva02_l14_336 --shape eva02-l-14-336 --batch-size 0 --gradient-checkpointing --steps 10 --warmup 3 --no-peer
 echo "== pytest -m gpu"
 timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/unit/text/test_packed.py 2>&1 | tail -15 || status=1
 exit $status

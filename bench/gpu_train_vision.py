@@ -28,6 +28,13 @@ from llm2clip.vision.model import LLM2CLIPModel
 
 VIT_B16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
            "patch_size": 16, "image_size": 224}
+VIT_L14_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+               "patch_size": 14, "image_size": 336}  # OpenAI ViT-L/14-336, the paper's main tower
+# --shape -> (tower kind, tower config); every one with random weights
+SHAPES = {"vit-b-16": ("vit_scratch", VIT_B16), "vit-l-14-336": ("vit_scratch", VIT_L14_336),
+          "eva02-l-14-336": ("eva02", {"preset": "EVA02-CLIP-L-14-336", "image_size": 336}),
+          "eva02-b-16": ("eva02", {"preset": "EVA02-CLIP-B-16", "image_size": 224})}
+AUTO_BATCHES = (1024, 768, 512, 384, 256, 192, 128, 96, 64, 32)
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "patch_size": 8, "image_size": 32}
 H100_BF16_DENSE_TFLOPS = 989.4  # H100/H200 SXM, dense (no sparsity)
@@ -36,7 +43,11 @@ H100_BF16_DENSE_TFLOPS = 989.4  # H100/H200 SXM, dense (no sparsity)
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU, fp32 (CI check)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per GPU and step")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help=f"samples per GPU and step; 0 = the largest of {AUTO_BATCHES} whose plain step fits "
+                        "in 85%% of the GPU's memory")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="vit-b-16",
+                   help="the tower's kind and shape (random weights)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the throughput")
     p.add_argument("--llm-dim", type=int, default=4096)
@@ -44,6 +55,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--accumulation", default="sum", choices=("sum", "cached_features"),
+                   help="train_vision.accumulation (cached_features: negatives span every micro-batch)")
     p.add_argument("--loss", default="clip", help="a name in llm2clip.losses.LOSSES (clip, siglip)")
     p.add_argument("--no-peer", action="store_true",
                    help="skip the peer: a plain PyTorch loop (autocast, fused AdamW, no DeepSpeed) on one GPU")
@@ -61,12 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = init_distributed()
     try:
-        vit = TINY if args.dry_run else VIT_B16
-        cfg = TrainVisionConfig(tower="vit_scratch", tower_config=vit, image_size=vit["image_size"], loss=args.loss,
+        kind, vit = ("vit_scratch", TINY) if args.dry_run else SHAPES[args.shape]
+        if args.batch_size == 0:
+            args.batch_size = largest_batch(kind, vit, args, ctx.device)
+        cfg = TrainVisionConfig(tower=kind, tower_config=vit, image_size=vit["image_size"], loss=args.loss,
                                 embed_dim=args.embed_dim, batch_size=args.batch_size, max_steps=args.steps,
                                 lr=1e-5, warmup_steps=0, weight_decay=0.05, zero_stage=args.zero_stage,
                                 precision=args.precision, gradient_clipping=5.0, log_every=10**9,
-                                gradient_checkpointing=args.gradient_checkpointing, workers=0)
+                                gradient_checkpointing=args.gradient_checkpointing, workers=0,
+                                gradient_accumulation_steps=args.accum_steps, accumulation=args.accumulation)
         precision = resolve_precision(cfg.precision, ctx.device)
         loss = LOSSES[args.loss]
 
@@ -83,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         batch = {"pixels": torch.randn(args.batch_size, 3, size, size, device=ctx.device).to(dtype),
                  "text": torch.randn(args.batch_size, args.llm_dim, device=ctx.device)}
         flops_per_sample = training_flops(model, batch["pixels"][:2].float(), batch["text"][:2]) / 2
-        plan = TrainPlan(args.steps, args.steps, args.batch_size * ctx.world_size, 1, precision)
+        plan = TrainPlan(args.steps, args.steps, args.batch_size * ctx.world_size * args.accum_steps,
+                         args.accum_steps, precision)
         started = time.perf_counter()
         outcome = train(model, cfg, plan=plan, batches=lambda start, total: (batch for _ in range(start, total)),
                         ctx=ctx, seed=0, ckpt_dir=None)
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         steady = outcome.history["samples_per_second"][args.warmup:] or outcome.history["samples_per_second"]
         samples_s = statistics.median(steady)
         peer = None
-        if not args.no_peer and ctx.world_size == 1:
+        if not args.no_peer and ctx.world_size == 1 and args.accum_steps == 1:
             del model, outcome
             torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
             peer = plain_loop(new_model(), cfg, args, {"pixels": batch["pixels"].float(), "text": batch["text"]},
@@ -103,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         report = {
             "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
             "world_size": ctx.world_size, "precision": precision, "zero_stage": args.zero_stage,
-            "tower": "ViT-B/16 224px" if not args.dry_run else "tiny (dry run)",
+            "accum_steps": args.accum_steps, "accumulation": args.accumulation,
+            "tower": f"{args.shape} ({vit['image_size']} px)" if not args.dry_run else "tiny (dry run)",
             "params": n_params, "batch_per_gpu": args.batch_size,
             "steps": args.steps, "samples_per_second": samples_s,
             "samples_per_second_per_gpu": samples_s / ctx.world_size,
@@ -128,6 +147,39 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     finally:
         ctx.shutdown()
+
+
+def largest_batch(kind: str, vit: dict, args: argparse.Namespace, device: torch.device) -> int:
+    """The largest batch of :data:`AUTO_BATCHES` whose plain bf16 training step (forward, loss,
+    backward) peaks below 85% of the GPU's memory; the trainer adds optimizer state (fp32 master +
+    Adam moments, ~16 bytes per parameter) on top, which the margin covers for ViT-L."""
+    if device.type != "cuda":
+        return 4
+    total = torch.cuda.get_device_properties(device).total_memory
+    cfg = TrainVisionConfig(tower=kind, tower_config=vit, image_size=vit["image_size"],
+                            gradient_checkpointing=args.gradient_checkpointing, embed_dim=args.embed_dim)
+    model = LLM2CLIPModel.build(cfg.tower_spec(), llm_dim=args.llm_dim, embed_dim=args.embed_dim).to(device)
+    loss_fn = create_loss("clip", gather=False)
+    for batch in AUTO_BATCHES:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            pixels = torch.randn(batch, 3, vit["image_size"], vit["image_size"], device=device)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = loss_fn(**model(pixels, torch.randn(batch, args.llm_dim, device=device)))
+            out["loss"].backward()
+            model.zero_grad(set_to_none=True)
+            del pixels, out
+            peak = torch.cuda.max_memory_allocated(device)
+        except torch.cuda.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            continue
+        if peak < 0.85 * total:
+            print(f"  batch {batch}: a plain step peaks at {peak / 2**30:.1f} of {total / 2**30:.0f} GiB")
+            del model
+            torch.cuda.empty_cache()
+            return batch
+    raise SystemExit("not even the smallest batch fits")
 
 
 def plain_loop(model: LLM2CLIPModel, cfg: TrainVisionConfig, args: argparse.Namespace, batch: dict,

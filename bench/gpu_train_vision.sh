@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# train_vision on GPU: ViT-B/16 (vit_scratch, 224 px) + adapter 4096->1280, bf16, ZeRO-1, synthetic
+# train_vision on GPU: ViT-B/16 (or --shape vit-l-14-336) + adapter 4096->1280, bf16, ZeRO-1, synthetic
 # tensors, through the stage's own trainer. Prints samples/s and MFU vs the bf16 peak.
 #
 #   bench/gpu_train_vision.sh                       # every visible GPU, H100/H200 peak (989 TFLOP/s)

@@ -26,8 +26,8 @@ class TrainVisionConfig(TrainArgs):
     Attributes:
         tower: Vision tower kind, a key of :data:`llm2clip.tower_kinds.TOWERS`: ``clip``,
             ``siglip``, ``efficientnet_lite0`` or ``vit_scratch`` (built in).
-        tower_path: Kinds that load a directory (``clip``/``siglip``): local Hugging Face dir
-            (pretrained); empty: from config.
+        tower_path: Kinds that load a directory (``clip``/``siglip``: a local Hugging Face dir;
+            ``eva02``: EVA-CLIP safetensors + config.json): pretrained weights; empty: from config.
         tower_config: Vision-config keyword arguments (sizes) for a tower built from scratch.
         tower_pretrained: ``efficientnet_lite0``: start from the packaged ImageNet weights.
         image_size: Input side in pixels; 0 = the tower's own (reference: 224 / 336).
@@ -41,8 +41,11 @@ class TrainVisionConfig(TrainArgs):
             checkpoint's (reference keeps it), else the loss's own (CLIP ln(1/0.07), SigLIP ln 10).
         caption_mix: Caption field -> sampling weight, one caption type drawn per sample; empty
             = equal weights over ``common.caption_fields`` (reference: short/long 50/50).
-        gradient_accumulation_steps: Micro-steps per optimizer step (plain gradient summation:
-            negatives come from the micro-batch only, unlike open_clip's ``--accum-freq``).
+        gradient_accumulation_steps: Micro-steps per optimizer step (how: ``accumulation``).
+        accumulation: ``sum`` (DeepSpeed gradient summation: negatives come from each
+            micro-batch only) or ``cached_features`` (open_clip ``--accum-freq``: the loss spans
+            every micro-batch of the step x ranks, memory stays one micro-batch's graph, at one
+            extra no-grad forward per micro-batch); only matters with ``gradient_accumulation_steps > 1``.
         epochs: Passes of ``train_num_samples`` samples (reference: 4).
         train_num_samples: Samples per epoch (open_clip ``--train-num-samples``); 0 = the size of
             the train split. Shards are resampled with replacement, so an epoch is a sample count.
@@ -50,6 +53,9 @@ class TrainVisionConfig(TrainArgs):
         schedule: ``cosine`` (to 0 at the last step, open_clip ``cosine_lr``) or ``constant``.
         workers: Data-loader processes per rank (0 = load in the training process).
         shuffle_buffer: Samples in each loader's shuffle buffer (open_clip: 5000).
+        init_model: An exported LLM2CLIP model dir (``llm2clip import``, or an earlier run's
+            output) whose tower, head, adapter, temperature and loss start this run; the tower
+            fields above are then taken from it. Empty: build from ``tower`` (the demo).
         resume: ``latest`` (continue this output's newest checkpoint), ``none`` (start over) or
             a checkpoint directory to start from.
         val_batch_size: Images per forward pass for the val retrieval metrics.
@@ -72,12 +78,14 @@ class TrainVisionConfig(TrainArgs):
     logit_scale_init: float | None = None
     caption_mix: dict[str, float] = field(default_factory=dict)
     gradient_accumulation_steps: int = 1
+    accumulation: Literal["sum", "cached_features"] = "sum"
     epochs: int = 1
     train_num_samples: int = 0
     layer_decay: float = 1.0
     schedule: Literal["cosine", "constant"] = "cosine"
     workers: int = 2
     shuffle_buffer: int = 1000
+    init_model: str = ""
     resume: str = "latest"
     val_batch_size: int = 64
     val_max_samples: int = 0
@@ -92,6 +100,8 @@ class TrainVisionConfig(TrainArgs):
         check_bounds(where, 0, image_size=self.image_size, adapter_blocks=self.adapter_blocks,
                      train_num_samples=self.train_num_samples, workers=self.workers,
                      shuffle_buffer=self.shuffle_buffer, val_max_samples=self.val_max_samples)
+        if self.accumulation not in ("sum", "cached_features"):
+            raise ConfigError(f"{where}.accumulation: must be 'sum' or 'cached_features', got {self.accumulation!r}")
         if self.adapter_expansion <= 0:
             raise ConfigError(f"{where}.adapter_expansion: must be > 0, got {self.adapter_expansion}")
         if not 0.0 < self.layer_decay <= 1.0:

@@ -147,9 +147,13 @@ def loss_name(cfg: TrainVisionConfig) -> str:
 
 
 def build_model(cfg: TrainVisionConfig, inputs: Inputs) -> LLM2CLIPModel:
-    """The model to train: tower from the config, fresh head and adapter, the loss's temperature
-    (and bias) unless the config or the pretrained checkpoint gives one."""
+    """The model to train: ``init_model`` when set (:func:`load_init_model`), else the tower from the
+    config, a fresh head and adapter, and the loss's temperature (and bias) unless the config or the
+    pretrained checkpoint gives one."""
     from llm2clip.losses import LOSSES
+
+    if cfg.init_model:
+        return load_init_model(cfg, inputs)
 
     loss = LOSSES[loss_name(cfg)]
     scale = cfg.logit_scale_init
@@ -162,6 +166,29 @@ def build_model(cfg: TrainVisionConfig, inputs: Inputs) -> LLM2CLIPModel:
         logit_bias_init=loss.init_logit_bias if loss.needs_bias else None, loss=loss_name(cfg),
         caption_encoder=inputs.encoder.get("path"),
         caption_encoder_fingerprint=inputs.encoder.get("fingerprint"))
+
+
+def load_init_model(cfg: TrainVisionConfig, inputs: Inputs) -> LLM2CLIPModel:
+    """``train_vision.init_model``: an exported model to fine-tune, checked against this run.
+
+    Raises:
+        StageError: not an exported model, embeddings of another width, or a ``loss`` other than
+            ``auto`` / the model's own.
+    """
+    try:
+        model = LLM2CLIPModel.from_pretrained(cfg.init_model)
+    except (OSError, ValueError) as err:
+        raise StageError(f"train_vision.init_model: {err}") from err
+    if model.llm_dim != inputs.llm_dim:
+        raise StageError(f"train_vision.init_model: {cfg.init_model} takes {model.llm_dim}-d caption embeddings, "
+                         f"{inputs.embeddings} holds {inputs.llm_dim}-d ones (embed with its caption encoder)")
+    if cfg.loss not in ("auto", model.loss):
+        raise StageError(f"train_vision.loss: {cfg.init_model} was trained with {model.loss!r}; "
+                         f"use auto or {model.loss!r}, got {cfg.loss!r}")
+    model.caption_encoder = inputs.encoder.get("path")
+    model.caption_encoder_fingerprint = inputs.encoder.get("fingerprint")
+    model.tower.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    return model.train()
 
 
 def validate(model: LLM2CLIPModel, inputs: Inputs, cfg: TrainVisionConfig, endpoint: str) -> dict[str, dict]:
@@ -237,7 +264,7 @@ def write_outputs(out: Path, model: LLM2CLIPModel, outcome, val: dict[str, dict]
     write_manifest(STAGE, out, {
         "config_hash": config_hash(common, cfg),
         "model": {"config": CONFIG_FILE, "weights": "model.safetensors", "embed_dim": model.embed_dim,
-                  "llm_embedding_dim": model.llm_dim, "tower": cfg.tower},
+                  "llm_embedding_dim": model.llm_dim, "tower": model.tower.spec.kind},
         "training": {"steps": outcome.steps, "samples_seen": outcome.samples_seen,
                      "resumed_from": outcome.resumed_from, "world_size": world_size,
                      "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,

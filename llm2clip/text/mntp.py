@@ -16,13 +16,11 @@ import torch
 from torch import nn
 
 from llm2clip.config import CaptionContrastiveConfig
-from llm2clip.text.contrastive import add_lora, merge_lora
+from llm2clip.text.contrastive import add_lora, lora_engine, merge_lora
 from llm2clip.text.encoder import bidirectional_mask, set_causal
 from llm2clip.text.truncation import TruncationCount, tokens_cut
 from llm2clip.train.distributed import DistContext, all_reduce_mean
-from llm2clip.train.engine import build_engine
 from llm2clip.train.loop import StepLoop, step_seed
-from llm2clip.train.optim import trainable_groups
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +127,8 @@ def train_mntp(causal_lm: nn.Module, tokenizer, texts: list[str], cfg: CaptionCo
     if cfg.bidirectional:
         set_causal(causal_lm, False)
     model = _MNTPModel(add_lora(causal_lm, cfg, cfg.gradient_checkpointing), cfg.bidirectional)
-    engine = build_engine(model, trainable_groups(model, cfg.weight_decay), cfg, world_size=ctx.world_size,
-                          precision=precision, total_steps=cfg.mntp_steps, schedule="linear", lr=cfg.mntp_lr,
-                          micro_batch=cfg.mntp_batch_size)
+    engine = lora_engine(model, cfg, ctx, precision, total_steps=cfg.mntp_steps, lr=cfg.mntp_lr,
+                         micro_batch=cfg.mntp_batch_size)
     mask_id, vocab = mask_token_id(tokenizer), causal_lm.config.vocab_size
     mntp_seed = seed + 17  # its own stream, so MNTP on/off does not change the contrastive data
     losses: list[float] = []

@@ -81,7 +81,7 @@ def effective_zero_stage(args: TrainArgs, world_size: int, precision: str) -> in
 
 def build_engine(model: torch.nn.Module, groups: list[dict], args: TrainArgs, *, world_size: int, precision: str,
                  total_steps: int, schedule: str, lr: float | None = None, micro_batch: int | None = None,
-                 accumulation: int = 1):
+                 accumulation: int = 1, fused_optimizer: bool = True):
     """``deepspeed.initialize`` with the client AdamW over ``groups`` and its schedule.
 
     Args:
@@ -93,6 +93,7 @@ def build_engine(model: torch.nn.Module, groups: list[dict], args: TrainArgs, *,
         total_steps: Optimizer steps of the run (the schedule's length).
         schedule: ``cosine``, ``linear`` or ``constant`` (:func:`llm2clip.train.optim.lr_factor`).
         accumulation: Micro-steps per optimizer step.
+        fused_optimizer: The fused AdamW kernel (:func:`llm2clip.train.optim.build_optimizer`).
     """
     import deepspeed
 
@@ -100,7 +101,7 @@ def build_engine(model: torch.nn.Module, groups: list[dict], args: TrainArgs, *,
     if stage != args.zero_stage:
         log.info("one rank, fp32: ZeRO-%d has nothing to partition, running stage 0", args.zero_stage)
     optimizer, scheduler = build_optimizer(groups, lr=lr or args.lr, total_steps=total_steps,
-                                           warmup=args.warmup_steps, schedule=schedule)
+                                           warmup=args.warmup_steps, schedule=schedule, fused=fused_optimizer)
     config = deepspeed_config(args, world_size, precision, zero_stage=stage, micro_batch=micro_batch,
                               accumulation=accumulation)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)

@@ -10,16 +10,22 @@ the step, samples seen and the metric history; the data stream is a pure functio
 and the micro-batch index (:mod:`llm2clip.train.vision_data`), so a resumed run continues with
 exactly the batches and weights an uninterrupted one would have had.
 
+With ``cfg.accumulation == "cached_features"`` an optimizer step of ``k`` micro-batches runs
+:func:`cached_features_step` instead (open_clip ``--accum-freq``): the loss spans all ``k``
+micro-batches of every rank, so the negatives are ``k x batch x world``, while the autograd graph
+held at any time is one micro-batch's.
+
 The batches come from a callable ``batches(start, total)`` so the same loop trains on prepared
 shards (the stage), on synthetic tensors (the GPU benchmark) or on anything else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +100,14 @@ class TrainOutcome:
     params: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
+def _step_stats(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Detached ``[loss, i2t_acc, t2i_acc]`` of a loss output (accuracies of this rank's rows)."""
+    with torch.no_grad():
+        i2t = (out["logits_per_image"].argmax(dim=1) == out["labels"]).float().mean()
+        t2i = (out["logits_per_text"].argmax(dim=1) == out["labels"]).float().mean()
+        return torch.stack([out["loss"].detach(), i2t, t2i]).float()
+
+
 def _micro_step(engine, loss_fn: ContrastiveLoss, batch: dict[str, Any], dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
     """Forward + loss + backward + ``engine.step`` of one micro-batch; returns detached
@@ -103,10 +117,85 @@ def _micro_step(engine, loss_fn: ContrastiveLoss, batch: dict[str, Any], dtype: 
     out = loss_fn(**engine(pixels, text))
     engine.backward(out["loss"])
     engine.step()
-    with torch.no_grad():
-        i2t = (out["logits_per_image"].argmax(dim=1) == out["labels"]).float().mean()
-        t2i = (out["logits_per_text"].argmax(dim=1) == out["labels"]).float().mean()
-        return torch.stack([out["loss"].detach(), i2t, t2i]).float()
+    return _step_stats(out)
+
+
+@contextlib.contextmanager
+def _norm_stats_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Restore every BatchNorm's running statistics on exit: the no-grad pass of
+    :func:`cached_features_step` must not update them (the grad pass does, once per micro-batch)."""
+    norms = [m for m in module.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [{name: buf.clone() for name, buf in m.named_buffers(recurse=False)} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, buffers in zip(norms, saved, strict=True):
+                for name, value in buffers.items():
+                    getattr(norm, name).copy_(value)
+
+
+SCALARS = ("logit_scale", "logit_bias")  # model outputs shared by every row, not concatenated
+
+
+def cached_features_step(engine, loss_fn: ContrastiveLoss, batches: Sequence[dict[str, Any]],
+                         seeds: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One optimizer step over ``k`` micro-batches whose loss spans all of them (open_clip
+    ``--accum-freq``, ``train_vision.accumulation: cached_features``).
+
+    1. Forward every micro-batch without grad; keep its features (``image_features``,
+       ``text_features``: every model output but the scalars ``logit_scale``/``logit_bias``).
+    2. For each micro-batch ``j``: forward it again *with* grad, build the step's features
+       ``(kB, D)`` by putting the fresh block ``j`` among the cached ones, compute the loss over
+       the whole accumulated batch (it still gathers across ranks, so the negatives are
+       ``k x B x world``) and ``engine.backward`` it; ``engine.step()`` (DeepSpeed steps the
+       optimizer at the ``k``-th).
+
+    Arithmetic: the cached blocks equal the fresh ones in value (same weights, same inputs, and
+    each micro-batch's two forwards run under the same seed, ``seeds[j]``, so dropout and drop
+    path draw the same masks), so every pass computes the same full loss ``L``, and pass ``j``
+    back-propagates ``dL/d(block j) . d(block j)/dθ``. Summed over the ``k`` passes that is exactly
+    ``dL/dθ`` -- the gradient of one big batch of ``kB`` rows -- so the passes must *not* be
+    divided by ``k``: ``scale_wrt_gas=False`` (DeepSpeed divides by gradient_accumulation_steps
+    by default). ``logit_scale``/``logit_bias`` enter ``L`` directly, not through a block, so each
+    pass would add the full ``dL/ds`` (``k`` times too much, as open_clip does); they carry grad
+    in the first pass only. Across ranks DeepSpeed averages as for any batch.
+
+    BatchNorm running statistics are left as the grad pass sets them (the no-grad pass restores
+    them); BatchNorm still normalises each micro-batch with its own statistics, so a BatchNorm
+    tower matches a big batch only approximately.
+
+    Args:
+        engine: The DeepSpeed engine (``gradient_accumulation_steps == len(batches)``).
+        loss_fn: The model's loss object (:func:`llm2clip.losses.create_loss`).
+        batches: ``k`` micro-batches: ``pixels (B, 3, S, S)``, ``text (B, D_llm)``.
+        seeds: The torch seed of each micro-batch (:func:`llm2clip.train.loop.step_seed`).
+        dtype: Pixel dtype of the engine's precision.
+        device: This rank's device.
+
+    Returns:
+        Detached ``[loss, i2t_acc, t2i_acc]`` of the full accumulated batch of this rank.
+    """
+    inputs = [(b["pixels"].to(device, dtype, non_blocking=True), b["text"].to(device, non_blocking=True))
+              for b in batches]
+    cached: list[dict[str, torch.Tensor]] = []
+    with torch.no_grad(), _norm_stats_kept(engine.module):
+        for (pixels, text), seed in zip(inputs, seeds, strict=True):
+            torch.manual_seed(seed)
+            cached.append({k: v for k, v in engine(pixels, text).items() if k not in SCALARS})
+    out = None
+    for j, ((pixels, text), seed) in enumerate(zip(inputs, seeds, strict=True)):
+        torch.manual_seed(seed)
+        fresh = engine(pixels, text)
+        features = {k: torch.cat([c[k] for c in cached[:j]] + [fresh[k]] + [c[k] for c in cached[j + 1:]])
+                    for k in cached[j]}  # (kB, D) each, block j with grad
+        scalars = {k: fresh[k] if j == 0 else fresh[k].detach() for k in SCALARS if k in fresh}
+        out = loss_fn(**features, **scalars)
+        engine.backward(out["loss"], scale_wrt_gas=False)
+        engine.step()
+        del fresh, features  # also frees the detached exp(logit_scale) node, which backward did not
+    return _step_stats(out)
 
 
 def train(model: LLM2CLIPModel, cfg: TrainVisionConfig, *, plan: TrainPlan, batches: Batches,
@@ -146,16 +235,24 @@ def train(model: LLM2CLIPModel, cfg: TrainVisionConfig, *, plan: TrainPlan, batc
     dtype = torch_dtype(plan.precision)
     per_rank = cfg.batch_size * plan.accumulation
     micro, step_stats, data_time = outcome.steps * plan.accumulation, [], 0.0
+    cached, pending = cfg.accumulation == "cached_features" and plan.accumulation > 1, []
     with loop:
         tick = step_start = time.perf_counter()
         for batch in batches(micro, plan.total_steps * plan.accumulation):
             data_time += time.perf_counter() - tick
-            torch.manual_seed(step_seed(seed, micro, ctx.rank))
-            step_stats.append(_micro_step(engine, loss_fn, batch, dtype, ctx.device))
+            if cached:
+                pending.append(batch)
+            else:
+                torch.manual_seed(step_seed(seed, micro, ctx.rank))
+                step_stats.append(_micro_step(engine, loss_fn, batch, dtype, ctx.device))
             micro += 1
             if micro % plan.accumulation:
                 tick = time.perf_counter()
                 continue
+            if cached:  # the whole step at once: its loss spans the k micro-batches
+                seeds = [step_seed(seed, m, ctx.rank) for m in range(micro - plan.accumulation, micro)]
+                step_stats.append(cached_features_step(engine, loss_fn, pending, seeds, dtype, ctx.device))
+                pending = []
             scale = ds_engine.clamp_logit_scale(engine.module, LOGIT_SCALE_MAX)
             stats = torch.stack(step_stats).mean(dim=0)
             if ctx.world_size > 1:  # one small all-reduce per step: mean over ranks

@@ -21,6 +21,7 @@ Llama-3 wrapper + bidirectional attention + mean over the caption's last tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -681,27 +682,21 @@ def test_imported_model_scores_with_evaluate(released, chain, tmp_path):
         released["vision"]).caption_encoder_fingerprint  # the lineage check matched the import's record
 
 
-def test_train_vision_runs_from_an_imported_model(released, chain, tmp_path, monkeypatch):
-    """The train_vision stage trains an imported model (its model builder swapped for a load:
-    ``train_vision.init_model`` is not a config key yet, see docs/released-checkpoints.md)."""
+def test_train_vision_runs_from_an_imported_model(released, chain, tmp_path):
+    """``train_vision.init_model``: the stage fine-tunes the imported model."""
     from llm2clip.config import TrainVisionConfig
+    from llm2clip.io import StageError
     from llm2clip.stages import train_vision
-    from llm2clip.stages import train_vision_io as artifacts
 
-    loaded = []
-
-    def from_import(cfg, inputs):
-        model = LLM2CLIPModel.from_pretrained(released["vision"]).train()
-        loaded.append({k: v.clone() for k, v in model.state_dict().items()})
-        return model
-
-    monkeypatch.setattr(artifacts, "build_model", from_import)
-    cfg = TrainVisionConfig(tower="clip", embed_dim=EMBED, batch_size=4, max_steps=2, lr=1e-4, warmup_steps=0,
-                            workers=0, val_batch_size=8)
+    start = LLM2CLIPModel.from_pretrained(released["vision"]).state_dict()
+    cfg = TrainVisionConfig(init_model=str(released["vision"]), embed_dim=EMBED, batch_size=4, max_steps=2,
+                            lr=1e-4, warmup_steps=0, workers=0, val_batch_size=8)
+    with pytest.raises(StageError, match="was trained with 'clip'; use auto or 'clip', got 'siglip'"):
+        train_vision.run(dataclasses.replace(cfg, loss="siglip"), chain["off"], data=chain["data"],
+                         embeddings=chain["embeddings"], vision_model=str(tmp_path / "refused"))
     out = tmp_path / "finetuned"
     train_vision.run(cfg, chain["off"], data=chain["data"], embeddings=chain["embeddings"], vision_model=str(out))
     tuned = LLM2CLIPModel.from_pretrained(out)
-    start = loaded[0]
     moved = {k: max_diff(v, start[k]) for k, v in tuned.state_dict().items()}
     assert 0 < max(moved.values()) < 0.05  # trained from the imported weights, not from scratch
     imported = LLM2CLIPModel.from_pretrained(released["vision"])
