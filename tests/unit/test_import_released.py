@@ -681,6 +681,18 @@ def test_imported_model_scores_with_evaluate(released, chain, tmp_path):
     assert report["caption_encoder"]["fingerprint"] == LLM2CLIPModel.from_pretrained(
         released["vision"]).caption_encoder_fingerprint  # the lineage check matched the import's record
 
+    # ... and register takes it (the lineage of model, encoder and report all check out)
+    from llm2clip.config import CommonConfig, RegisterConfig
+    from llm2clip.stages import register
+
+    tracked = CommonConfig(tracking=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                           registered_model="imported-openai-vit")
+    registered = register.run(RegisterConfig(), tracked, vision_model=str(released["vision"]),
+                              caption_encoder=str(released["encoder"]), report=str(tmp_path / "report"),
+                              registration=str(tmp_path / "registration"))
+    assert "champion" in json.loads((tmp_path / "registration" / "registration.json").read_text())["aliases"]
+    assert registered.summary()
+
 
 def test_train_vision_runs_from_an_imported_model(released, chain, tmp_path):
     """``train_vision.init_model``: the stage fine-tunes the imported model."""
