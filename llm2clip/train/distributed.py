@@ -61,9 +61,37 @@ class DistContext:
         """Destroy the group if we created it and drop the env vars the fallback set."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            _forget_deepspeed_groups()
         for name in self._env_set:
             os.environ.pop(name, None)
         self.owns_group, self._env_set = False, ()
+
+
+# DeepSpeed keeps sub-groups of the process group in module globals (``deepspeed.utils.groups``).
+_DEEPSPEED_GROUPS = ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                     "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP")
+_DEEPSPEED_GROUP_TABLES = ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                           "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP")
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop DeepSpeed's cached sub-groups with the group they belong to.
+
+    Otherwise the next engine built in this process (a second stage run, a test after another)
+    reuses a clone of the destroyed group and fails with "Group ... is not registered".
+    """
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in _DEEPSPEED_GROUPS:
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in _DEEPSPEED_GROUP_TABLES:
+        table = getattr(groups, name, None)
+        if isinstance(table, dict):
+            table.clear()
 
 
 def init_distributed(backend: str | None = None, *, deepspeed: bool = True) -> DistContext:

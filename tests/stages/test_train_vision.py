@@ -324,10 +324,31 @@ def test_gpu_benchmark_script_dry_run_on_cpu():
     done = subprocess.run(["bash", str(REPO / "bench/gpu_train_vision.sh"), "--dry-run"], capture_output=True,
                           text=True, timeout=300, env=env(), cwd=REPO)
     assert done.returncode == 0, done.stderr[-4000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    report = json.loads(line.removeprefix("RESULT "))
-    assert report["samples_per_second"] > 0 and report["model_gflop_per_sample"] > 0
-    assert 0 < report["mfu"] < 1 and report["steps"] == 4
+    report = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    assert report["samples_per_second"] > 0 and 0 < report["mfu"] < 1 and report["steps"] == 4
+
+
+TWICE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from bench.gpu_train_vision import main
+runs = [main(["--dry-run", "--zero-stage", "2"]) for _ in range(2)]  # each: its own group, then shutdown
+print("RESULTS " + json.dumps(runs))
+"""
+
+
+def test_gpu_benchmark_script_dry_run_twice_in_one_process():
+    """bench/gpu_train_vision.py's CPU check (no GPU here), run twice in one process: a process
+    group destroyed and created again must not leave DeepSpeed's cached sub-groups behind (they
+    made the second engine fail with "Group ... is not registered")."""
+    done = subprocess.run([sys.executable, "-c", TWICE, str(REPO)], capture_output=True, text=True, timeout=300,
+                          env=env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+    first, second = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))[8:])
+    for report in (first, second):
+        assert report["samples_per_second"] > 0 and report["model_gflop_per_sample"] > 0
+        assert 0 < report["mfu"] < 1 and report["steps"] == 4 and report["peer_samples_per_second"] > 0
+    assert first["final_loss"] == second["final_loss"]  # the same seeded run, twice
     assert "MFU" in done.stdout and "samples/s" in done.stdout
 
 
