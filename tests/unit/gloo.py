@@ -21,6 +21,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, folder: str, args: tu
     ctx = init_distributed("gloo", deepspeed=False)
     try:
         torch.save(fn(rank, world, *args), f"{folder}/rank{rank}.pt")
+        # No rank tears the group down while another is still in a collective: gloo aborts the
+        # process (SIGABRT) when a peer closes mid-operation (seen once in a clean-clone run).
+        torch.distributed.barrier()
     finally:
         ctx.shutdown()
 
