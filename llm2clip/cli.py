@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip.config import ConfigError, load_params, load_sections
-from llm2clip.io import StageError
+from llm2clip.io import StageError, subdirectories
 from llm2clip.stages import STAGES, launch
 
 log = logging.getLogger("llm2clip")
@@ -232,9 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--pipeline-run-id", default=os.environ.get("LLM2CLIP_PIPELINE_RUN_ID", ""),
             help="id of the pipeline run this stage belongs to (MLflow lineage)",
         )
+        if spec.per_eval_set:
+            p.add_argument("--eval-set", metavar="NAME",
+                           help="run on the evaluation set NAME of the eval_data section instead of the "
+                                "pipeline's data (the sections are derived from it)")
         for name in spec.inputs:
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=str, required=True,
                            metavar="DIR", help=f"input: {name} directory (local or s3://)")
+        for name in spec.collected:
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=str, default="", metavar="DIR",
+                           help=f"input: folder with one {name} directory per evaluation set (optional)")
         for name in spec.outputs:
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=str, required=True,
                            metavar="DIR", help=f"output: {name} directory (local or s3://)")
@@ -287,13 +294,16 @@ def _json_flag(flag: str, text: str | None) -> dict:
 
 
 def _configs(args: argparse.Namespace):
+    eval_set = getattr(args, "eval_set", None)
     if args.common_json is not None or args.config_json is not None:
-        if args.params is not None or args.overrides:
-            raise ConfigError("use either --params/--set or --common-json/--config-json")
+        if args.params is not None or args.overrides or eval_set:
+            raise ConfigError("use either --params/--set [--eval-set] or --common-json/--config-json")
         return load_sections(
             args.stage, _json_flag("--common-json", args.common_json), _json_flag("--config-json", args.config_json)
         )
     params = load_params(args.params, args.overrides)
+    if eval_set:
+        return params.eval_set(eval_set, args.stage)
     return params.section(args.stage), params.common
 
 
@@ -310,7 +320,9 @@ def _run(args: argparse.Namespace, context: ErrorContext) -> int:
     spec = STAGES[args.stage]
     cfg, common = _configs(args)
     context.endpoint = getattr(common, "s3_endpoint_url", "")
-    paths = {name: getattr(args, name) for name in spec.inputs + spec.outputs}
+    paths: dict[str, Any] = {name: getattr(args, name) for name in spec.inputs + spec.outputs}
+    for name in spec.collected:
+        paths[name] = subdirectories(getattr(args, name), context.endpoint) if getattr(args, name) else []
     result = launch(spec.name, cfg, common, paths, args.pipeline_run_id)
     if result is not None:
         log.info("%s done: %s", spec.name, json.dumps(result.summary(), default=str))

@@ -121,3 +121,20 @@ def dir_fingerprint(directory: str | os.PathLike, endpoint_url: str = "") -> str
     manifest = read_manifest(directory, endpoint_url)
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def subdirectories(parent: str | os.PathLike, endpoint_url: str = "") -> list[str]:
+    """The sub-folders of ``parent`` (local or ``s3://``), sorted; none when it does not exist.
+
+    How a folder of per-eval-set outputs (``data/eval/<name>``) becomes the list of directories
+    that a KFP task receives as a collected input.
+    """
+    base = str(parent).rstrip("/")
+    if is_remote(base):
+        fs = s3_filesystem(endpoint_url)
+        if not fs.exists(base):
+            return []
+        return sorted(f"s3://{p}" for p in fs.ls(base, detail=False) if fs.isdir(p))
+    if not os.path.isdir(base):
+        return []
+    return sorted(str(p) for p in Path(base).iterdir() if p.is_dir())

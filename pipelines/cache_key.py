@@ -19,16 +19,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
+_SELECTOR = re.compile(r'^parseJson\(string_value\)\["([^"]+)"\]$')
 
-def _parameter_value(binding: dict[str, Any], arguments: dict[str, Any], defaults: dict[str, Any]) -> Any:
+
+def _parameter_value(binding: dict[str, Any], scope: dict[str, Any]) -> Any:
     if "componentInputParameter" in binding:
-        name = binding["componentInputParameter"]
-        return arguments.get(name, defaults.get(name))
+        value = scope.get(binding["componentInputParameter"])
+        selector = binding.get("parameterExpressionSelector")
+        if selector:  # a field of a ParallelFor item: parseJson(string_value)["field"]
+            match = _SELECTOR.match(selector)
+            if not match:
+                raise ValueError(f"unsupported parameter selector {selector!r}")
+            value = value[match.group(1)]
+        return value
     if "runtimeValue" in binding:
         return binding["runtimeValue"]["constant"]
     raise ValueError(f"unsupported parameter binding {binding}")
+
+
+def _artifact_id(binding: dict[str, Any], produced: dict[str, dict[str, str]], scope: dict[str, str]) -> str:
+    if "taskOutputArtifact" in binding:
+        out = binding["taskOutputArtifact"]
+        return produced[out["producerTask"]][out["outputArtifactKey"]]
+    return scope[binding["componentInputArtifact"]]
 
 
 def _topological(tasks: dict[str, dict]) -> list[str]:
@@ -44,32 +60,63 @@ def _topological(tasks: dict[str, dict]) -> list[str]:
 def task_cache_keys(spec: dict[str, Any], arguments: dict[str, Any]) -> dict[str, str]:
     """``{task display name: cache key}`` of one run of the compiled pipeline ``spec``.
 
+    A task inside a ParallelFor appears once per item, as ``<display name>[<item index>]``; a
+    collected output's artifact id is the list of the iterations' ids (a new item, or one item
+    that reran, changes what its consumer reads).
+
     Args:
         spec: The compiled ``PipelineSpec`` (first YAML document).
         arguments: The run's pipeline arguments (absent ones take the pipeline's defaults).
     """
     root = spec["root"]
-    defaults = {name: p.get("defaultValue") for name, p in root["inputDefinitions"]["parameters"].items()}
-    tasks = root["dag"]["tasks"]
+    params = {name: arguments.get(name, p.get("defaultValue"))
+              for name, p in root["inputDefinitions"]["parameters"].items()}
     keys: dict[str, str] = {}
+    _dag_keys(spec, root["dag"]["tasks"], params, {}, keys, "")
+    return keys
+
+
+def _dag_keys(spec: dict[str, Any], tasks: dict[str, dict], params: dict[str, Any], artifacts: dict[str, str],
+              keys: dict[str, str], suffix: str) -> dict[str, dict[str, str]]:
+    """Keys of one DAG's tasks into ``keys``; returns ``{task: {output artifact: id}}``."""
+    produced: dict[str, dict[str, str]] = {}
     for name in _topological(tasks):
         task = tasks[name]
         component = spec["components"][task["componentRef"]["name"]]
-        container = spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
         inputs = task.get("inputs", {})
+        values = {p: _parameter_value(b, params) for p, b in inputs.get("parameters", {}).items()}
+        arts = {a: _artifact_id(b, produced, artifacts) for a, b in inputs.get("artifacts", {}).items()}
+        if "dag" in component:
+            produced[name] = _sub_dag(spec, task, component["dag"], values, arts, keys, suffix)
+            continue
+        container = spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
         outputs = component.get("outputDefinitions", {})
         key = {
-            "inputParameterValues": {p: _parameter_value(b, arguments, defaults)
-                                     for p, b in inputs.get("parameters", {}).items()},
+            "inputParameterValues": values,
             # an artifact's id is fixed by the execution that made it: a cache hit reuses it
-            "inputArtifactNames": {a: f"{keys[b['taskOutputArtifact']['producerTask']]}/"
-                                      f"{b['taskOutputArtifact']['outputArtifactKey']}"
-                                   for a, b in inputs.get("artifacts", {}).items()},
+            "inputArtifactNames": arts,
             "outputArtifactsSpec": {a: s["artifactType"] for a, s in outputs.get("artifacts", {}).items()},
             "outputParametersSpec": {p: s["parameterType"] for p, s in outputs.get("parameters", {}).items()},
             "containerSpec": {"image": container["image"],
                               "cmdArgs": list(container.get("command", [])) + list(container.get("args", []))},
         }
         text = json.dumps(key, sort_keys=True, separators=(",", ":"))
-        keys[name] = hashlib.sha256(text.encode()).hexdigest()
-    return {tasks[k]["taskInfo"]["name"]: v for k, v in keys.items()}
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        keys[task["taskInfo"]["name"] + suffix] = digest
+        produced[name] = {a: f"{digest}/{a}" for a in outputs.get("artifacts", {})}
+    return produced
+
+
+def _sub_dag(spec: dict[str, Any], task: dict, dag: dict, values: dict[str, Any], arts: dict[str, str],
+             keys: dict[str, str], suffix: str) -> dict[str, str]:
+    """A ParallelFor (or plain sub-DAG) task: its DAG once per item; outputs collected per item."""
+    iterator = task.get("parameterIterator")
+    runs = ([dict(values, **{iterator["itemInput"]: item}) for item in values[iterator["items"]["inputParameter"]]]
+            if iterator else [values])
+    collected: dict[str, list[str]] = {out: [] for out in dag.get("outputs", {}).get("artifacts", {})}
+    for i, scope in enumerate(runs):
+        inner = _dag_keys(spec, dag["tasks"], scope, arts, keys, f"{suffix}[{i}]" if iterator else suffix)
+        for out, selector in dag.get("outputs", {}).get("artifacts", {}).items():
+            (select,) = selector["artifactSelectors"]
+            collected[out].append(inner[select["producerSubtask"]][select["outputArtifactKey"]])
+    return {out: json.dumps(ids) for out, ids in collected.items()}

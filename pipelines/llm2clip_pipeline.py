@@ -33,7 +33,7 @@ from kfp import dsl, kubernetes
 from components import component, image_tag
 from llm2clip.cluster.profile import TRAINING_STAGES, ClusterProfile, TaskProfile, load_cluster_profile
 from llm2clip.cluster.task import PIPELINE_RUN_ENV, PROFILE_ENV
-from llm2clip.config import Params, to_dict
+from llm2clip.config import Params, eval_set_sections, to_dict
 
 PIPELINE_NAME = "llm2clip"
 DEFAULT_PROFILE = "cpu"
@@ -81,8 +81,8 @@ def apply_profile(task: dsl.PipelineTask, pod: TaskProfile, profile: ClusterProf
 
 
 def _stage(profile: ClusterProfile, stage: str, sections: dict[str, Any], images: dict[str, Any],
-           **inputs: Any) -> dsl.PipelineTask:
-    """One task of ``stage``: its component under the stage's name, placed by the profile."""
+           display_name: str = "", **inputs: Any) -> dsl.PipelineTask:
+    """One task of ``stage``: its component under the stage's name (or ``display_name``), placed by the profile."""
     settings = profile.task(stage)
     trainjob = settings.launcher == "trainjob"
     extra: dict[str, Any] = {}
@@ -90,13 +90,29 @@ def _stage(profile: ClusterProfile, stage: str, sections: dict[str, Any], images
         extra = {"num_nodes": settings.num_nodes,
                  "trainjob_image": (images["gpu"] if settings.gpu else images["cpu"]) if trainjob else ""}
     task = component(stage)(common=sections["common"], config=sections[stage], **inputs, **extra)
-    task.set_display_name(stage)
+    task.set_display_name(display_name or stage)
     pod = launcher_pod(settings) if trainjob else settings
     apply_profile(task, pod, profile)
     task.set_container_image(images["gpu"] if pod.gpu else images["cpu"])
     if trainjob:
         task.set_env_variable(PROFILE_ENV, json.dumps(to_dict(profile), sort_keys=True, separators=(",", ":")))
     return task
+
+
+EVAL_LOOP = "eval-sets"
+"""Name of the ParallelFor over the evaluation sets; its tasks show as ``prepare_eval`` / ``embed_eval``."""
+
+
+def _eval_sets(profile: ClusterProfile, eval_data: Any, images: dict[str, Any], encoder: Any) -> tuple[Any, Any]:
+    """Prepare and embed every evaluation set, one ParallelFor iteration each (the same two
+    components as the pipeline's data, with the sections ``eval_set_sections`` derived for the
+    set); returns the collected ``(data, embeddings)`` outputs that evaluate takes."""
+    with dsl.ParallelFor(eval_data, name=EVAL_LOOP) as item:
+        sections = {"common": item.common, "prepare_data": item.prepare_data, "embed_captions": item.embed_captions}
+        data = _stage(profile, "prepare_data", sections, images, display_name="prepare_eval").outputs["data"]
+        embeddings = _stage(profile, "embed_captions", sections, images, display_name="embed_eval", data=data,
+                            caption_encoder=encoder).outputs["embeddings"]
+    return dsl.Collected(data), dsl.Collected(embeddings)
 
 
 def build_pipeline(profile: ClusterProfile | None = None):
@@ -113,6 +129,7 @@ def build_pipeline(profile: ClusterProfile | None = None):
         train_vision: dict,
         evaluate: dict,
         register: dict,
+        eval_data: list = [],  # noqa: B006 (KFP reads the default from the signature; never mutated)
         image: str = defaults["cpu"],
         gpu_image: str = defaults["gpu"],
     ) -> None:
@@ -126,6 +143,9 @@ def build_pipeline(profile: ClusterProfile | None = None):
             train_vision: The ``train_vision`` section (tower, adapter, DeepSpeed, steps).
             evaluate: The ``evaluate`` section (eval sets, primary metric, quality gate).
             register: The ``register`` section (promotion margin, gate requirement).
+            eval_data: One item per evaluation set of the ``eval_data`` section:
+                ``{name, common, prepare_data, embed_captions}``, the sections that prepare and
+                embed it (``pipelines.llm2clip_pipeline.pipeline_arguments`` derives them).
             image: Image of CPU tasks (default: this source tree's ``-cpu`` tag).
             gpu_image: Image of tasks and TrainJob nodes with accelerators (``-cu128`` tag).
         """
@@ -139,8 +159,10 @@ def build_pipeline(profile: ClusterProfile | None = None):
                             caption_encoder=encoder).outputs["embeddings"]
         model = _stage(profile, "train_vision", sections, images, data=data,
                        embeddings=embeddings).outputs["vision_model"]
+        eval_sets, eval_embeddings = _eval_sets(profile, eval_data, images, encoder)
         report = _stage(profile, "evaluate", sections, images, data=data, embeddings=embeddings,
-                        vision_model=model).outputs["report"]
+                        vision_model=model, eval_data=eval_sets,
+                        eval_embeddings=eval_embeddings).outputs["report"]
         _stage(profile, "register", sections, images, vision_model=model, caption_encoder=encoder, report=report)
 
     return llm2clip_pipeline
@@ -169,10 +191,23 @@ def pipeline_arguments(params: Params, images: dict[str, str] | None = None) -> 
     if missing:
         raise RuntimeError(f"the pipeline takes params sections that Params lacks: {missing}")
     arguments: dict[str, Any] = {name: _without_nulls(sections[name]) for name in SECTIONS}
+    arguments["eval_data"] = eval_data_items(params)
     unknown = sorted(set(images or {}) - {"image", "gpu_image"})
     if unknown:
         raise RuntimeError(f"unknown image parameters {unknown}: image, gpu_image")
     return arguments | {k: v for k, v in (images or {}).items() if v}
+
+
+def eval_data_items(params: Params) -> list[dict[str, Any]]:
+    """The ``eval_data`` pipeline argument: per evaluation set, the sections that prepare and embed
+    it (the same derivation as ``llm2clip prepare_data --eval-set NAME``)."""
+    items = []
+    for name, spec in params.eval_data.items():
+        common, prepare, embed = eval_set_sections(name, spec, params.common, params.embed_captions)
+        items.append({"name": name, "common": _without_nulls(to_dict(common)),
+                      "prepare_data": _without_nulls(to_dict(prepare)),
+                      "embed_captions": _without_nulls(to_dict(embed))})
+    return items
 
 
 def _without_nulls(value: Any) -> Any:

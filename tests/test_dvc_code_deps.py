@@ -18,15 +18,49 @@ from test_dvc import dvc, run
 from llm2clip.stages import STAGES
 
 DVC_STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+EVAL_SETS = list(yaml.safe_load((REPO / "params.yaml").read_text())["eval_data"])
+# dvc.yaml stages that are no pipeline stage: the per-eval-set runs (foreach) and the demo's inputs
+EVAL_VARIANTS = {"prepare_eval": "prepare_data", "embed_eval": "embed_captions"}
+DEMO_INPUTS = "demo_inputs"  # python -m llm2clip.data.demo_folder
 
 
 def closures() -> dict[str, set[Path]]:
     return {stage: stage_closure(stage) for stage in STAGES}
 
 
+def demo_inputs_closure() -> set[Path]:
+    """What ``python -m llm2clip.data.demo_folder`` may execute."""
+    seen: set[Path] = set()
+    todo = [Path("llm2clip/__init__.py"), Path("llm2clip/data/__init__.py"), Path("llm2clip/data/demo_folder.py")]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(direct_imports(path, DEMO_INPUTS) - seen)
+    return seen
+
+
 def importers(module: str) -> set[str]:
-    """The stages whose import closure holds ``module`` (a path relative to the repo)."""
-    return {stage for stage, files in closures().items() if Path(module) in files}
+    """The dvc.yaml stages (foreach ones per eval set) whose import closure holds ``module``."""
+    stages = {stage for stage, files in closures().items() if Path(module) in files}
+    stages |= {f"{variant}@{key}" for variant, base in EVAL_VARIANTS.items() if base in stages for key in EVAL_SETS}
+    return stages | ({DEMO_INPUTS} if Path(module) in demo_inputs_closure() else set())
+
+
+def all_outs() -> list[str]:
+    """Every out of dvc.yaml, a foreach stage's once per eval set of params.yaml."""
+    outs = []
+    for spec in DVC_STAGES.values():
+        if "foreach" in spec:
+            outs += [o.replace("${key}", key) for o in spec["do"]["outs"] for key in EVAL_SETS]
+        else:
+            outs += spec["outs"]
+    return outs
+
+
+def test_demo_inputs_deps_cover_what_it_imports():
+    deps = code_deps(DVC_STAGES[DEMO_INPUTS]["deps"])
+    assert not [str(p) for p in demo_inputs_closure() if not covered(p, deps)]
 
 
 def test_every_imported_module_is_a_dep():
@@ -40,6 +74,13 @@ def test_every_imported_module_is_a_dep():
         for stage, paths in missing.items()
     )
     assert not missing, f"modules a stage imports but no dvc.yaml dep covers:\n{report}"
+
+
+@pytest.mark.parametrize(("variant", "stage"), [("prepare_eval", "prepare_data"), ("embed_eval", "embed_captions")])
+def test_eval_set_variants_depend_on_their_stage_code(variant, stage):
+    """``prepare_eval@NAME`` / ``embed_eval@NAME`` run ``<stage> --eval-set NAME``: the same code."""
+    assert DVC_STAGES[variant]["foreach"] == "${eval_data}"
+    assert sorted(code_deps(DVC_STAGES[variant]["do"]["deps"])) == sorted(code_deps(DVC_STAGES[stage]["deps"]))
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -95,10 +136,9 @@ def committed(tmp_path_factory) -> Path:
     run(["git", "init", "-q"], clone)
     if not (clone / ".dvc" / "config").is_file():
         dvc(["init", "-q"], clone)
-    for spec in DVC_STAGES.values():
-        for out in spec["outs"]:
-            (clone / out).mkdir(parents=True, exist_ok=True)
-            (clone / out / "placeholder.txt").write_text(out)
+    for out in all_outs():
+        (clone / out).mkdir(parents=True, exist_ok=True)
+        (clone / out / "placeholder.txt").write_text(out)
     dvc(["commit", "-f", "-q"], clone)
     assert json.loads(dvc(["status", "--json"], clone)) == {}
     return clone
@@ -146,6 +186,7 @@ def test_dvc_status_lists_exactly_the_stages_that_import_a_changed_module(commit
 
 def test_a_config_default_marks_every_stage(committed):
     """The issue's own check: a default in llm2clip/config/common.py changes every stage that imports it."""
-    assert importers("llm2clip/config/common.py") == set(STAGES)
+    every = set(STAGES) | {f"{v}@{key}" for v in EVAL_VARIANTS for key in EVAL_SETS} | {DEMO_INPUTS}
+    assert importers("llm2clip/config/common.py") == every
     status = edit_status(committed, "llm2clip/config/common.py", "seed: int = 0", "seed: int = 1")
-    assert set(status) == set(STAGES)
+    assert set(status) == every

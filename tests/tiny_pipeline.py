@@ -43,7 +43,22 @@ def tiny_params(workdir: Path, raw: dict[str, Any] | None = None) -> dict[str, A
         tower="vit_scratch", tower_config=TINY_TOWER, image_size=32, embed_dim=16, batch_size=8,
         max_steps=4, warmup_steps=1, workers=0, checkpoint_every=2, log_every=2, nproc_per_node=1)
     raw.setdefault("evaluate", {}).update(min_primary=0.0, batch_size=16)
+    _tiny_eval_sets(raw, workdir)
     return raw
+
+
+def _tiny_eval_sets(raw: dict[str, Any], workdir: Path) -> None:
+    """The demo's eval sets, tiny: 16 scenes each, a 6 x 2 ImageNet-style folder in ``workdir``."""
+    from llm2clip.data.demo_folder import write_imagenet_folder
+
+    for spec in raw.get("eval_data", {}).values():
+        spec["image_max_side"] = 48
+        for source in spec["sources"]:
+            if source["kind"] == "synthetic":
+                source.update(count=16, image_size=48)
+            elif source["kind"] == "imagenet":
+                folder = write_imagenet_folder(workdir / "demo_folder", per_class=2, image_size=48)
+                source["path"] = str(folder.path / "val")
 
 
 def write_tiny_params(workdir: Path, path: Path | None = None) -> Path:

@@ -1,5 +1,6 @@
 """evaluate as a KFP component: the interface; the work is llm2clip.stages.evaluate.run."""
 
+
 from kfp import dsl
 
 from components import IMAGE
@@ -12,6 +13,8 @@ def evaluate(
     data: dsl.Input[dsl.Dataset],
     embeddings: dsl.Input[dsl.Dataset],
     vision_model: dsl.Input[dsl.Model],
+    eval_data: dsl.Input[list[dsl.Dataset]],
+    eval_embeddings: dsl.Input[list[dsl.Dataset]],
     report: dsl.Output[dsl.Artifact],
     metrics: dsl.Output[dsl.Metrics],
     report_html: dsl.Output[dsl.HTML],
@@ -28,6 +31,9 @@ def evaluate(
         data: prepare_data output (the eval images and captions).
         embeddings: embed_captions output (eval caption and class-prompt embeddings).
         vision_model: train_vision output (the model to evaluate).
+        eval_data: prepare_data outputs of the evaluation sets (the ``eval_data`` section),
+            collected over the eval-set ParallelFor; each names its set in its manifest.
+        eval_embeddings: embed_captions outputs of the same sets.
 
     Returns:
         report: ``metrics.json``, recall@k plots, ``report.md``/``report.html`` and
@@ -39,6 +45,7 @@ def evaluate(
     from llm2clip.cluster.task import publish_report, run_task
 
     run_task("evaluate", common, config,
-             inputs={"data": data, "embeddings": embeddings, "vision_model": vision_model},
+             inputs={"data": data, "embeddings": embeddings, "vision_model": vision_model,
+                     "eval_data": eval_data, "eval_embeddings": eval_embeddings},
              outputs={"report": report})
     publish_report(report, common, metrics=metrics, html=report_html, markdown=report_markdown)

@@ -82,7 +82,8 @@ def run_task(stage: str, common: dict, config: dict, *, inputs: dict[str, Any], 
     else:
         from llm2clip.stages import run_stage
 
-        where = {name: a.path for name, a in inputs.items()} | {name: location(a) for name, a in outputs.items()}
+        where = {name: _input_path(a) for name, a in inputs.items()}
+        where |= {name: location(a) for name, a in outputs.items()}
         metadata = run_stage(stage, common, config, where, run_id)
     for name, artifact in outputs.items():
         if where[name] != artifact.path:  # written to S3 directly: KFP uploads .path afterwards
@@ -90,6 +91,13 @@ def run_task(stage: str, common: dict, config: dict, *, inputs: dict[str, Any], 
         artifact.metadata.update(metadata[name])
     log.info("%s: outputs %s", stage, ", ".join(f"{n} -> {where[n]}" for n in outputs))
     return metadata
+
+
+def _input_path(artifact: Any) -> Any:
+    """Where a stage reads an input: a collected input (a list of artifacts) is a list of paths."""
+    if isinstance(artifact, (list, tuple)):
+        return [a.path for a in artifact]
+    return artifact.path
 
 
 def _mirror_manifest(uri: str, local: Path, endpoint_url: str) -> None:

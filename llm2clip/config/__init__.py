@@ -7,7 +7,8 @@ overrides are applied to the raw mapping *before* validation, so they get the sa
 
 Where things are: ``common.py``, ``prepare_data.py`` (sources, validation), ``training.py``
 (:class:`TrainArgs`, the fields both trainers share), ``caption_contrastive.py``,
-``embed_captions.py``, ``train_vision.py``, ``evaluate.py`` (evaluate + register),
+``embed_captions.py``, ``train_vision.py``, ``evaluate.py`` (evaluate + register), ``eval_data.py`` (the
+evaluation sets and the sections that prepare them),
 ``params.py`` (the whole file) and ``loader.py`` (mapping -> dataclasses, overrides, hashes).
 Everything is importable from ``llm2clip.config``.
 
@@ -16,9 +17,17 @@ code that needs them; they are never kept as second files.
 """
 
 from llm2clip.config.base import ConfigError, check_bounds
+from llm2clip.config.benchmarks import (
+    BenchmarkSource,
+    CaptionTableSource,
+    ImageNetSource,
+    KarpathySource,
+    LongCaptionSource,
+)
 from llm2clip.config.caption_contrastive import LLAMA_LINEAR_PROJECTIONS, CaptionContrastiveConfig
 from llm2clip.config.common import CommonConfig
 from llm2clip.config.embed_captions import EmbedCaptionsConfig
+from llm2clip.config.eval_data import EVAL_SPLIT, EvalDataConfig, eval_set_sections
 from llm2clip.config.evaluate import EvalSet, EvaluateConfig, RegisterConfig
 from llm2clip.config.loader import (
     apply_overrides,
@@ -44,13 +53,20 @@ from llm2clip.config.training import TrainArgs, stage_defaults
 
 __all__ = [
     "LLAMA_LINEAR_PROJECTIONS",
+    "BenchmarkSource",
     "CaptionContrastiveConfig",
+    "CaptionTableSource",
     "CommonConfig",
     "ConfigError",
     "EmbedCaptionsConfig",
+    "EVAL_SPLIT",
     "EmojiSource",
+    "EvalDataConfig",
     "EvalSet",
     "EvaluateConfig",
+    "ImageNetSource",
+    "KarpathySource",
+    "LongCaptionSource",
     "ManifestSource",
     "Params",
     "PrepareDataConfig",
@@ -64,6 +80,7 @@ __all__ = [
     "apply_overrides",
     "check_bounds",
     "config_hash",
+    "eval_set_sections",
     "from_dict",
     "load_params",
     "load_sections",

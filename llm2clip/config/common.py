@@ -21,7 +21,9 @@ class CommonConfig:
             AWS default (or ``$AWS_ENDPOINT_URL``). Credentials always come from the
             environment or AWS profile, never from params.
         caption_fields: Named caption types every prepared sample carries, in order. The first
-            two are the caption-contrastive pair and the default CRA pair.
+            two are the caption-contrastive pair and the default CRA pair. The pipeline needs at
+            least one (checked by ``Params``); an evaluation set without captions (ImageNet)
+            runs prepare_data/embed_captions with none.
         registered_model: MLflow registered-model name of the vision model (evaluate compares
             with its ``champion``; register creates versions of it).
     """
@@ -35,7 +37,5 @@ class CommonConfig:
     registered_model: str = "llm2clip"
 
     def __post_init__(self) -> None:
-        if len(self.caption_fields) < 1:
-            raise ConfigError("common.caption_fields: at least one caption field is needed")
         if len(set(self.caption_fields)) != len(self.caption_fields):
             raise ConfigError(f"common.caption_fields: duplicate names in {self.caption_fields}")

@@ -237,8 +237,16 @@ def _resolve_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
 
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
     """Load (following ``extends:``), override and validate a params file (``None``: all defaults)."""
+    from llm2clip.config.eval_data import check_names
+
     raw = read_params_mapping(path) if path is not None else {}
-    return from_dict(Params, apply_overrides(raw, overrides or []))
+    params = from_dict(Params, apply_overrides(raw, overrides or []))
+    # whole-file checks (one stage's sections, as a KFP task gets them, may differ: an eval set's
+    # common has its own caption fields, none for a labelled image set)
+    if not params.common.caption_fields:
+        raise ConfigError("common.caption_fields: at least one caption field is needed")
+    check_names(params.eval_data, params.evaluate.eval_sets)  # evaluate names sets that exist
+    return params
 
 
 # Where a run is logged does not change what it makes: these keys stay out of config hashes.

@@ -6,19 +6,40 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llm2clip.config.base import ConfigError
+from llm2clip.config.benchmarks import CaptionTableSource, ImageNetSource, KarpathySource, LongCaptionSource
+
+# Caption styles of the synthetic scenes (``SyntheticSource.captions``), see llm2clip.data.synthetic.
+SYNTHETIC_CAPTION_STYLES = ("short", "dense", "long", "de", "fr")
 
 
 @dataclass(frozen=True)
 class SyntheticSource:
     """Built-in compositional scenes (shapes, colours, sizes, counts, relations, words).
 
-    Every image gets a short and a dense caption of the same scene; deterministic by seed.
+    Deterministic by seed.
+
+    Attributes:
+        captions: Output caption field -> style: ``short`` (``two red circles left of a blue
+            star``), ``dense`` (every attribute, in other words), ``long`` (a paragraph of several
+            sentences, ShareGPT4V/DOCCI style), ``de`` / ``fr`` (the short caption in German /
+            French). Empty (the default): the first of ``common.caption_fields`` gets the short
+            caption and every further one the dense caption. Otherwise it must name exactly
+            ``common.caption_fields``, e.g. ``{"de": "de"}`` for a German retrieval set.
     """
 
     kind: Literal["synthetic"] = "synthetic"
     name: str = "synthetic"
     count: int = 400
     image_size: int = 128
+    captions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, style in self.captions.items():
+            if not name or style not in SYNTHETIC_CAPTION_STYLES:
+                raise ConfigError(
+                    f"synthetic source {self.name!r}: captions.{name or '<empty>'} = {style!r} "
+                    f"(caption field -> style) is not valid; known styles: {list(SYNTHETIC_CAPTION_STYLES)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -125,7 +146,8 @@ class ManifestSource:
                 ) from None
 
 
-Source = SyntheticSource | EmojiSource | WebDatasetSource | ManifestSource
+Source = (SyntheticSource | EmojiSource | WebDatasetSource | ManifestSource
+          | KarpathySource | LongCaptionSource | ImageNetSource | CaptionTableSource)
 
 
 @dataclass(frozen=True)
@@ -163,6 +185,10 @@ class PrepareDataConfig:
         shard_size: Samples per output shard.
         image_max_side: Images are downscaled so the long side is at most this.
         jpeg_quality: Quality of the re-encoded jpg.
+        eval_set: Empty for training data (``train``/``val`` split by ``val_fraction``). The name
+            of an ``eval_data`` entry when this run prepares that evaluation set (set by
+            ``prepare_data --eval-set NAME``): every kept sample goes into the one split ``test``
+            and the manifest records the name.
     """
 
     sources: tuple[Source, ...] = (SyntheticSource(),)
@@ -171,6 +197,7 @@ class PrepareDataConfig:
     image_max_side: int = 256
     jpeg_quality: int = 90
     validation: ValidationConfig = ValidationConfig()
+    eval_set: str = ""
 
     def __post_init__(self) -> None:
         if not self.sources:

@@ -3,7 +3,8 @@
 Pass 1 (:func:`collect`) validates each sample once, keeps its re-encoded jpg in a spill file
 (so memory holds only the small per-sample records) and quarantines the rest. Between the
 passes :func:`dedupe` drops exact duplicates and :func:`assign_splits` puts every copy of one
-image in the same split. Pass 2 (:func:`write_shards`) writes the shards in a seeded order.
+image in the same split (an evaluation set has one split, ``test``). Pass 2 (:func:`write_shards`)
+writes the shards in a seeded order.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from llm2clip.config import CommonConfig, PrepareDataConfig
 from llm2clip.data import records as R
 from llm2clip.data.records import Rejection, SampleRecord, SampleRejected
-from llm2clip.data.shards import SPLITS, ShardWriter, encode_meta, shard_entry, shard_name
+from llm2clip.data.shards import EVAL_SPLIT, ShardWriter, encode_meta, run_splits, shard_entry, shard_name
 from llm2clip.data.sources import SourceReader
 from llm2clip.data.validate import validate_sample
 from llm2clip.io import atomic_write_text
@@ -125,8 +126,10 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
-def assign_splits(records: list[SampleRecord], val_fraction: float) -> int:
+def assign_splits(records: list[SampleRecord], val_fraction: float, eval_set: str = "") -> int:
     """Set ``split`` on every record; all copies of an image follow its smallest key.
+
+    With ``eval_set`` (the run prepares an evaluation set) every record goes to ``test``.
 
     Returns:
         The number of images that occur in more than one kept sample.
@@ -137,7 +140,7 @@ def assign_splits(records: list[SampleRecord], val_fraction: float) -> int:
         anchor[r.pixel_hash] = min(anchor.get(r.pixel_hash, r.key), r.key)
         members[r.pixel_hash] += 1
     for r in records:
-        r.split = split_of(anchor[r.pixel_hash], val_fraction)
+        r.split = EVAL_SPLIT if eval_set else split_of(anchor[r.pixel_hash], val_fraction)
     return sum(1 for n in members.values() if n > 1)
 
 
@@ -150,10 +153,14 @@ def shard_order(records: list[SampleRecord], split: str, seed: int) -> list[Samp
 def write_shards(
     out: Path, records: list[SampleRecord], spill: SpillFile, cfg: PrepareDataConfig, common: CommonConfig
 ) -> dict[str, list[dict[str, Any]]]:
-    """Pass 2: write ``{split}-NNNNNN.tar`` shards; returns ``{split: [{name, count, sha256}]}``."""
+    """Pass 2: write ``{split}-NNNNNN.tar`` shards; returns ``{split: [{name, count, sha256}]}``.
+
+    The splits are those of the run (:func:`~llm2clip.data.shards.run_splits`): train and val, or
+    the one ``test`` split of an evaluation set.
+    """
     shards: dict[str, list[dict[str, Any]]] = {}
     bar = tqdm(total=len(records), desc="write shards", unit="img", mininterval=1.0)
-    for split in SPLITS:
+    for split in run_splits(cfg.eval_set):
         items = shard_order(records, split, common.seed)
         shards[split] = []
         for index, start in enumerate(range(0, len(items), cfg.shard_size)):

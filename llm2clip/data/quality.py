@@ -17,7 +17,7 @@ from typing import Any
 
 from llm2clip.config import PrepareDataConfig
 from llm2clip.data.records import KEY_PATTERN, SampleRecord
-from llm2clip.data.shards import SPLITS
+from llm2clip.data.shards import TRAIN_SPLITS, run_splits
 from llm2clip.io import StageError, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,12 @@ def sample_table(records: list[SampleRecord], caption_fields: tuple[str, ...]):
 
 
 def expectations(cfg: PrepareDataConfig, caption_fields: tuple[str, ...], sources: list[str]) -> list:
-    """The suite: ``(expectation, critical)`` pairs."""
+    """The suite: ``(expectation, critical)`` pairs.
+
+    Splits are those of the run (``test`` only for an evaluation set). Without caption fields (a
+    labelled image set such as ImageNet) there are no caption columns to check and every sample
+    must have a label instead.
+    """
     import great_expectations.expectations as gxe
 
     v = cfg.validation
@@ -72,7 +77,7 @@ def expectations(cfg: PrepareDataConfig, caption_fields: tuple[str, ...], source
         gxe.ExpectColumnValuesToNotBeNull(column="key"),
         gxe.ExpectColumnValuesToBeUnique(column="key"),
         gxe.ExpectColumnValuesToMatchRegex(column="key", regex=KEY_PATTERN),
-        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(run_splits(cfg.eval_set))),
         gxe.ExpectColumnValuesToBeInSet(column="source", value_set=sources),
         gxe.ExpectColumnValuesToBeBetween(column="orig_width", min_value=v.min_image_side),
         gxe.ExpectColumnValuesToBeBetween(column="orig_height", min_value=v.min_image_side),
@@ -94,14 +99,15 @@ def expectations(cfg: PrepareDataConfig, caption_fields: tuple[str, ...], source
             gxe.ExpectColumnValuesToBeBetween(column=f"{col}_min_chars", min_value=v.min_caption_chars),
             gxe.ExpectColumnValuesToBeBetween(column=f"{col}_max_chars", max_value=v.max_caption_chars),
         ]
-    warn: list = [
-        # Nearly all captions alike means a broken source or mapping, not a data set.
-        gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
+    if not caption_fields:  # a labelled image set: the label is all there is to score
+        crit.append(gxe.ExpectColumnValuesToNotBeNull(column="label"))
+    warn: list = []
+    if caption_fields:  # nearly all captions alike means a broken source or mapping, not a data set
+        warn.append(gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
             column=f"caption_{caption_fields[0]}", min_value=0.05
-        ),
-    ]
-    if cfg.val_fraction > 0:
-        warn.append(gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=list(SPLITS)))
+        ))
+    if cfg.val_fraction > 0 and not cfg.eval_set:
+        warn.append(gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=list(TRAIN_SPLITS)))
     return [(e, True) for e in crit] + [(e, False) for e in warn]
 
 

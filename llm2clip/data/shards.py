@@ -4,6 +4,7 @@ Output layout of prepare_data (what later stages read through the helpers below)
 
     <dir>/train-000000.tar ...   samples: <key>.jpg (RGB JPEG) + <key>.json (see SampleRecord.meta)
     <dir>/val-000000.tar ...
+    <dir>/test-000000.tar ...    an evaluation set (prepare_data.eval_set): its only split
     <dir>/quarantine.jsonl       one rejected sample per line: key, source, source_id, reason, detail
     <dir>/validation/            great-expectations result JSON, Data Docs HTML, preview.jpg
     <dir>/manifest.json          written last: counts, shards (name, count, sha256), caption fields
@@ -25,12 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from llm2clip.config import EVAL_SPLIT  # "test": the one split of an evaluation set (prepare_data.eval_set)
 from llm2clip.contracts import contract, read_manifest
 from llm2clip.io import StageError, atomic_path, is_remote, s3_filesystem, sha256_file
 
 STAGE = "prepare_data"
 FORMAT_VERSION = contract(STAGE).format_version
-SPLITS = ("train", "val")
+TRAIN_SPLITS = ("train", "val")  # what a training-data run writes (val by prepare_data.val_fraction)
+SPLITS = (*TRAIN_SPLITS, EVAL_SPLIT)  # every split name prepare_data writes
+
+
+def run_splits(eval_set: str) -> tuple[str, ...]:
+    """The splits one prepare_data run writes: ``("test",)`` for an evaluation set, else train/val."""
+    return (EVAL_SPLIT,) if eval_set else TRAIN_SPLITS
 
 
 def shard_name(split: str, index: int) -> str:
@@ -88,8 +96,8 @@ def _is_ours(name: str) -> bool:
 def invalidate(target: str, endpoint_url: str = "") -> list[str]:
     """Remove what an earlier run left in ``target`` (manifest first), before writing anew.
 
-    Only prepare_data's own files are touched (``manifest.json``, ``{train,val}-*.tar``, temp
-    files); a directory without ``manifest.json`` reads as unfinished to every later stage.
+    Only prepare_data's own files are touched (``manifest.json``, ``{train,val,test}-*.tar``,
+    temp files); a directory without ``manifest.json`` reads as unfinished to every later stage.
 
     Returns:
         The names removed.

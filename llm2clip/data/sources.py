@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm2clip.config import (
+    CaptionTableSource,
     CommonConfig,
     EmojiSource,
+    ImageNetSource,
+    KarpathySource,
+    LongCaptionSource,
     ManifestSource,
     Source,
     SyntheticSource,
@@ -62,6 +66,14 @@ def check_caption_mapping(sources: tuple[Source, ...], caption_fields: tuple[str
         StageError: naming the source, what is wrong and what to set.
     """
     for i, src in enumerate(sources):
+        if isinstance(src, BENCHMARK_SOURCES):
+            _check_benchmark(i, src, caption_fields)
+            continue
+        if isinstance(src, SyntheticSource):
+            from llm2clip.data.synthetic import caption_plan
+
+            caption_plan(src, caption_fields)  # a wrong captions mapping fails before any output is touched
+            continue
         mapping = getattr(src, "caption_fields", None) or getattr(src, "caption_columns", None)
         if mapping is None:
             continue
@@ -75,7 +87,7 @@ def check_caption_mapping(sources: tuple[Source, ...], caption_fields: tuple[str
                 f"{unknown}); map every caption field, e.g. --set prepare_data.sources.{i}.{attr}."
                 f"{(missing or unknown)[0]}=..."
             )
-        if caption_fields[0] in src.optional_captions:  # the preview and the CRA pair start from it
+        if caption_fields and caption_fields[0] in src.optional_captions:  # the preview and CRA start from it
             raise StageError(
                 f"prepare_data.sources[{i}] ({src.name}).optional_captions: {caption_fields[0]!r} is the "
                 "first of common.caption_fields, which every sample must have; make another field "
@@ -90,6 +102,37 @@ def check_caption_mapping(sources: tuple[Source, ...], caption_fields: tuple[str
             raise StageError(f"prepare_data.sources[{i}] ({src.name}): path is empty")
         elif not is_remote(src.path) and not os.path.isfile(src.path):
             raise StageError(_no_manifest(src, i))
+
+
+BENCHMARK_SOURCES = (KarpathySource, LongCaptionSource, ImageNetSource, CaptionTableSource)
+
+
+def _check_benchmark(i: int, src: Any, caption_fields: tuple[str, ...]) -> None:
+    """A benchmark source gives exactly its ``caption_field`` (ImageNet: none), and its files exist.
+
+    Raises:
+        StageError: naming the source, the caption fields, or the missing file or folder.
+    """
+    where = f"sources[{i}] ({src.name}, kind {src.kind})"
+    gives = [] if isinstance(src, ImageNetSource) else [src.caption_field]
+    if list(caption_fields) != gives:
+        what = f"one caption field, {gives[0]!r} (its caption_field)" if gives else "labels only, no caption field"
+        fix = f"use caption_fields {gives} for this set"
+        if gives and len(caption_fields) == 1:
+            fix += f", or set the source's caption_field to {caption_fields[0]!r}"
+        raise StageError(f"{where} gives {what}, but common.caption_fields is {list(caption_fields)} and every "
+                         f"sample needs every field: {fix}")
+    folder = getattr(src, "layout", "") in ("urban1k", "folders")
+    needed = [("path", src.path, folder)] + [
+        (attr, getattr(src, attr), False) for attr in ("synset_mapping", "classnames_file", "ids_file")
+        if getattr(src, attr, "")]
+    for attr, path, is_folder in needed:
+        if not path:
+            raise StageError(f"{where}: {attr} is empty; set it to the set's "
+                             f"{'folder' if is_folder else 'file'} (see llm2clip.config.{type(src).__name__})")
+        if not is_remote(path) and not (os.path.isdir(path) if is_folder else os.path.isfile(path)):
+            raise StageError(f"{where}: {attr} {path} does not exist or is not a {'folder' if is_folder else 'file'}"
+                             f"; fix the source's {attr} (layout: see llm2clip.config.{type(src).__name__})")
 
 
 def _open_synthetic(src: SyntheticSource, common: CommonConfig) -> SourceReader:
@@ -116,13 +159,42 @@ def _open_manifest(src: ManifestSource, common: CommonConfig) -> SourceReader:
     return SourceReader(src.name, src.kind, iter_manifest(src, common.s3_endpoint_url), None)
 
 
+def _open_karpathy(src: KarpathySource, common: CommonConfig) -> SourceReader:
+    from llm2clip.data.benchmarks.karpathy import open_karpathy
+
+    return SourceReader(src.name, src.kind, *open_karpathy(src, common.s3_endpoint_url))
+
+
+def _open_long_caption(src: LongCaptionSource, common: CommonConfig) -> SourceReader:
+    from llm2clip.data.benchmarks.long_caption import open_long_caption
+
+    return SourceReader(src.name, src.kind, *open_long_caption(src, common.s3_endpoint_url))
+
+
+def _open_imagenet(src: ImageNetSource, common: CommonConfig) -> SourceReader:
+    from llm2clip.data.benchmarks.imagenet import open_imagenet
+
+    return SourceReader(src.name, src.kind, *open_imagenet(src, common.s3_endpoint_url))
+
+
+def _open_caption_table(src: CaptionTableSource, common: CommonConfig) -> SourceReader:
+    from llm2clip.data.benchmarks.caption_table import open_caption_table
+
+    return SourceReader(src.name, src.kind, *open_caption_table(src, common.s3_endpoint_url))
+
+
 # Source kind (the ``kind`` of a ``prepare_data.sources`` entry, see ``llm2clip.config.Source``)
-# -> its reader. A new kind: its config dataclass in the ``Source`` union, a reader here.
+# -> its reader. A new kind: its config dataclass in the ``Source`` union, a reader here. The
+# benchmark kinds (public evaluation sets in their own layouts) live in llm2clip.data.benchmarks.
 SOURCE_READERS: dict[str, Callable[[Any, CommonConfig], SourceReader]] = {
     "synthetic": _open_synthetic,
     "emoji": _open_emoji,
     "webdataset": _open_webdataset,
     "manifest": _open_manifest,
+    "karpathy": _open_karpathy,
+    "long_caption": _open_long_caption,
+    "imagenet": _open_imagenet,
+    "caption_table": _open_caption_table,
 }
 
 

@@ -236,7 +236,8 @@ def clean_captions(
     A field in ``optional`` may end with no caption (an empty list, counted in
     ``stats["optional_captions_missing"]``); each such field lowers ``cfg.min_captions`` by one
     for this sample (never below 1), so a sample with all its required captions is judged on
-    those alone.
+    those alone. With no fields at all (a labelled image set such as ImageNet) no caption is
+    needed: ``min_captions`` is 0.
 
     Raises:
         SampleRejected: a required field has no usable caption, or fewer than the (lowered)
@@ -258,7 +259,7 @@ def clean_captions(
             )
         out[name] = kept
     total = sum(len(v) for v in out.values())
-    needed = max(1, cfg.min_captions - len(missing_optional))
+    needed = max(1, cfg.min_captions - len(missing_optional)) if fields else 0
     if total < needed:
         excused = f" (lowered from {cfg.min_captions}: optional {missing_optional} missing)"
         raise SampleRejected(

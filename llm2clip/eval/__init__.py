@@ -4,6 +4,8 @@ Pure functions of tensors (no model, no data loading): the ``evaluate`` stage em
 and calls these.
 """
 
+from llm2clip.config.templates import OPENAI_IMAGENET_TEMPLATES, TEMPLATE_PRESETS, resolve_templates
+from llm2clip.eval.paper_table import PaperTable, build_paper_table
 from llm2clip.eval.report import (
     ReportSection,
     flatten_metrics,
@@ -30,8 +32,12 @@ from llm2clip.eval.zeroshot import (
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "OPENAI_IMAGENET_TEMPLATES",
     "SINGLE_TEMPLATE",
+    "TEMPLATE_PRESETS",
+    "PaperTable",
     "ReportSection",
+    "build_paper_table",
     "build_prompts",
     "class_embeddings",
     "clip_metrics",
@@ -40,6 +46,7 @@ __all__ = [
     "rank_metrics",
     "recall_at_ks",
     "recall_curve",
+    "resolve_templates",
     "retrieval_ranks",
     "to_open_clip_names",
     "write_metrics_json",

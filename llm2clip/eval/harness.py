@@ -18,7 +18,10 @@ import torch
 from tqdm import tqdm
 
 from llm2clip import contracts
+from llm2clip.config.templates import SINGLE_TEMPLATE
+from llm2clip.data.shards import iter_samples
 from llm2clip.data.sidecars import iter_lockstep
+from llm2clip.eval import protocols
 from llm2clip.eval.retrieval import clip_metrics, multi_caption_metrics, recall_curve
 from llm2clip.eval.zeroshot import class_embeddings, zeroshot_metrics
 from llm2clip.io import StageError, is_remote, s3_filesystem
@@ -30,8 +33,11 @@ PROTOCOL = (
     "1:1 = open_clip get_clip_metrics on (image, first caption of the field) pairs; "
     "multi_ = CLIP_benchmark protocol, a hit if any caption of the image is in the top k; "
     "ties ranked by a stable descending sort; mean_R_at_1 = mean of image->text and "
-    "text->image 1:1 R@1 over the caption fields; zero-shot class embedding = renormalised "
-    "mean of the normalised prompt embeddings (class names x templates)"
+    "text->image 1:1 R@1 over the caption fields; headline = one field under the set's protocol "
+    "(multi_caption for several captions per image, else 1:1); zero-shot class embedding = "
+    "renormalised mean of the normalised prompt embeddings (class names x templates), "
+    "zeroshot_single = the template 'a photo of the {}.' alone; CRA = first two captions of each "
+    "image retrieve each other, top-1, on the caption encoder's stored embeddings"
 )
 
 
@@ -50,6 +56,13 @@ class EmbeddedSet:
         labels: (N,) class label strings (None where a sample has none).
         class_emb: (C, D) zero-shot class embeddings, when the set has prompt embeddings.
         classnames: the C class names.
+        caption_fields: the fields in the embeddings manifest's order (empty: ``text_emb``'s).
+        templates: the T zero-shot templates the prompt embeddings were made with.
+        single_class_emb: (C, D) class embeddings of :data:`SINGLE_TEMPLATE` alone, when it is
+            among ``templates``.
+        cra_pairs: caption field -> ``(first, second)``, each (P, llm_dim): the stored (caption
+            encoder's, pre-adapter) embeddings of the first two captions of every image that has
+            two of that field (collected with ``embed_set(..., cra=True)``).
     """
 
     image_emb: torch.Tensor
@@ -60,6 +73,15 @@ class EmbeddedSet:
     labels: list[str | None] = field(default_factory=list)
     class_emb: torch.Tensor | None = None
     classnames: list[str] = field(default_factory=list)
+    caption_fields: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    single_class_emb: torch.Tensor | None = None
+    cra_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def fields(self) -> list[str]:
+        """The caption fields with embeddings, in manifest order."""
+        ordered = [f for f in self.caption_fields if f in self.text_emb]
+        return ordered + [f for f in self.text_emb if f not in ordered]
 
 
 def _check_width(array: np.ndarray, model: Any, where: str) -> None:
@@ -72,8 +94,12 @@ def _check_width(array: np.ndarray, model: Any, where: str) -> None:
 
 
 def embed_set(model: Any, data: str, embeddings: str, split: str, *, batch_size: int = 64,
-              endpoint_url: str = "") -> EmbeddedSet:
+              endpoint_url: str = "", cra: bool = False) -> EmbeddedSet:
     """Embed one split of a prepared eval set with ``model`` (an ``LLM2CLIPModel``).
+
+    A set without caption fields (a labelled image set such as ImageNet) gets image and
+    zero-shot class embeddings only. ``cra`` also keeps the stored embeddings of every image's
+    first two captions per field (for :func:`set_metrics`' CRA).
 
     Raises:
         StageError: an empty split, keys that differ from the image shards, or caption
@@ -84,7 +110,12 @@ def embed_set(model: Any, data: str, embeddings: str, split: str, *, batch_size:
     raw: dict[str, list[np.ndarray]] = {}
     owners: dict[str, list[int]] = {}
     labels: list[str | None] = []
-    stream = iter_lockstep(data, embeddings, split, endpoint_url=endpoint_url)
+    pairs: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    manifest = contracts.read_manifest("embed_captions", embeddings, endpoint_url)
+    if manifest.get("caption_fields"):
+        stream = iter_lockstep(data, embeddings, split, endpoint_url=endpoint_url)
+    else:  # a labelled image set (ImageNet): its sidecars hold no vectors, only the images count
+        stream = ((sample, {}) for sample in iter_samples(data, split, endpoint_url=endpoint_url))
     for index, (sample, arrays) in enumerate(tqdm(stream, desc=f"embed {split}", unit="img")):
         images.append(sample.image)
         labels.append(sample.label)
@@ -92,6 +123,10 @@ def embed_set(model: Any, data: str, embeddings: str, split: str, *, batch_size:
             _check_width(array, model, f"{embeddings} ({split} sample {sample.key}, field {name})")
             raw.setdefault(name, []).append(np.asarray(array, dtype=np.float32))
             owners.setdefault(name, []).extend([index] * len(array))
+            if cra and len(array) >= 2:
+                firsts, seconds = pairs.setdefault(name, ([], []))
+                firsts.append(raw[name][-1][0])
+                seconds.append(raw[name][-1][1])
         if len(images) == batch_size:
             image_rows.append(model.encode_image(images, batch_size=batch_size))
             images = []
@@ -99,20 +134,25 @@ def embed_set(model: Any, data: str, embeddings: str, split: str, *, batch_size:
         image_rows.append(model.encode_image(images, batch_size=batch_size))
     if not image_rows:
         raise StageError(f"{data}: split {split!r} has no samples to evaluate")
-    out = EmbeddedSet(image_emb=torch.cat(image_rows), labels=labels)
-    for name, arrays in raw.items():
+    ordered = [f for f in manifest.get("caption_fields", []) if f in raw]
+    out = EmbeddedSet(image_emb=torch.cat(image_rows), labels=labels,
+                      caption_fields=ordered + [f for f in raw if f not in ordered])
+    for name in out.caption_fields:
+        arrays = raw[name]
         counts = torch.tensor([len(a) for a in arrays])
         out.text_emb[name] = model.encode_text_embeddings(torch.from_numpy(np.concatenate(arrays)))
         out.text_to_image[name] = torch.tensor(owners[name])
         out.first_caption[name] = torch.cumsum(counts, 0) - counts
         out.captioned[name] = counts > 0
-    _attach_zeroshot(out, model, embeddings, split, endpoint_url)
+    for name, (firsts, seconds) in pairs.items():
+        out.cra_pairs[name] = (torch.from_numpy(np.stack(firsts)), torch.from_numpy(np.stack(seconds)))
+    _attach_zeroshot(out, model, embeddings, manifest, split, endpoint_url)
     return out
 
 
-def _attach_zeroshot(out: EmbeddedSet, model: Any, embeddings: str, split: str,
+def _attach_zeroshot(out: EmbeddedSet, model: Any, embeddings: str, manifest: dict, split: str,
                      endpoint_url: str) -> None:
-    entry = contracts.read_manifest("embed_captions", embeddings, endpoint_url).get("zeroshot", {}).get(split)
+    entry = manifest.get("zeroshot", {}).get(split)
     if not entry or not any(label is not None for label in out.labels):
         return
     base = str(embeddings).rstrip("/")
@@ -127,8 +167,12 @@ def _attach_zeroshot(out: EmbeddedSet, model: Any, embeddings: str, split: str,
     _check_width(prompts, model, f"{base}/{entry['file']}")
     classes, templates, dim = prompts.shape
     adapted = model.encode_text_embeddings(torch.from_numpy(prompts.astype(np.float32)).reshape(-1, dim))
-    out.class_emb = class_embeddings(adapted.reshape(classes, templates, -1))
+    grid = adapted.reshape(classes, templates, -1)
+    out.class_emb = class_embeddings(grid)
     out.classnames = list(meta["classnames"])
+    out.templates = list(meta.get("templates", []))
+    if SINGLE_TEMPLATE[0] in out.templates:
+        out.single_class_emb = class_embeddings(grid[:, out.templates.index(SINGLE_TEMPLATE[0])])
 
 
 def _field_view(embedded: EmbeddedSet, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,35 +192,110 @@ def _field_view(embedded: EmbeddedSet, name: str) -> tuple[torch.Tensor, torch.T
     return embedded.image_emb[captioned], first, renumber[text_to_image]
 
 
-def set_metrics(embedded: EmbeddedSet, prefix: str, *, max_k: int = 10) -> tuple[dict, dict]:
+def _scored(embedded: EmbeddedSet, name: str) -> bool:
+    """Whether a field has a caption on at least one image (else it has no metrics)."""
+    return name in embedded.text_emb and (name not in embedded.captioned or bool(embedded.captioned[name].any()))
+
+
+def headline_choice(embedded: EmbeddedSet, protocol: str = "auto", caption_field: str = "",
+                    where: str = "") -> tuple[str, str] | None:
+    """``(caption field, resolved protocol)`` of a set's headline; None for a set without captions.
+
+    Args:
+        embedded: The set.
+        protocol: ``auto``, ``multi_caption`` or ``one_to_one``.
+        caption_field: The field; empty = the first field (manifest order) that has captions.
+        where: What to name in errors (``evaluate.eval_sets[coco]``).
+
+    Raises:
+        StageError: ``caption_field`` is not a field of the set (or none of its images has one).
+    """
+    scored = [f for f in embedded.fields() if _scored(embedded, f)]
+    if caption_field:
+        if caption_field not in scored:
+            raise StageError(f"{where or 'eval set'}.caption_field: {caption_field!r} is not a caption field "
+                             f"with captions in this set (it has: {scored or 'none'})")
+        name = caption_field
+    elif scored:
+        name = scored[0]
+    else:
+        return None
+    _, _, owners = _field_view(embedded, name)
+    return name, protocols.resolve_protocol(protocol, owners)
+
+
+def _zeroshot(embedded: EmbeddedSet, prefix: str) -> dict[str, float]:
+    """``zeroshot.*`` over all templates and, when the single template was embedded, ``zeroshot_single.*``."""
+    index = {c: i for i, c in enumerate(embedded.classnames)}
+    keep = [i for i, label in enumerate(embedded.labels) if label in index]
+    if not keep:
+        log.warning("%s: no image carries one of the %d zero-shot classes; no zero-shot metrics", prefix,
+                    len(index))
+        return {}
+    labels = torch.tensor([index[embedded.labels[i]] for i in keep])
+    images = embedded.image_emb[keep]
+    metrics = {f"{prefix}.zeroshot.{k}": v for k, v in zeroshot_metrics(images, embedded.class_emb, labels).items()}
+    metrics[f"{prefix}.zeroshot.classes"] = float(len(embedded.classnames))
+    metrics[f"{prefix}.zeroshot.templates"] = float(len(embedded.templates))
+    if embedded.single_class_emb is not None:
+        single = zeroshot_metrics(images, embedded.single_class_emb, labels)
+        metrics.update({f"{prefix}.zeroshot_single.{k}": v for k, v in single.items()})
+    return metrics
+
+
+def set_metrics(embedded: EmbeddedSet, prefix: str, *, max_k: int = 10, protocol: str = "auto",
+                caption_field: str = "", cra: bool = False) -> tuple[dict, dict]:
     """All metrics of one embedded set, flat ``<prefix>.<field>.<metric>``; plus recall curves.
+
+    Per caption field: the 1:1 and ``multi_`` metrics. Over the fields: ``mean_R_at_1`` (1:1)
+    and ``chance_R_at_1``. The headline (:mod:`llm2clip.eval.protocols`): ``headline.*`` of
+    ``caption_field`` under ``protocol``. Labelled sets: ``zeroshot.*`` (all templates) and
+    ``zeroshot_single.*``. With ``cra``: ``cra.*`` of the headline field. A set without caption
+    fields (ImageNet) has only ``images`` and the zero-shot metrics.
 
     Returns:
         ``(metrics, curves)``; curves map ``<field>/<direction>`` to recall@1..max_k (1:1).
+
+    Raises:
+        StageError: ``caption_field`` is not a field of the set.
     """
     metrics: dict[str, float] = {}
     curves: dict[str, list[float]] = {}
     r1: list[float] = []
     image_emb = embedded.image_emb
-    for name, text_emb in embedded.text_emb.items():
-        if name in embedded.captioned and not bool(embedded.captioned[name].any()):
+    for name in embedded.fields():
+        if not _scored(embedded, name):
             log.warning("caption field %s: no image of %s has one; no metrics for it", name, prefix)
             continue
         images, first, owners = _field_view(embedded, name)
         one_to_one = clip_metrics(images, first)
-        multi = multi_caption_metrics(images, text_emb, owners)
+        multi = multi_caption_metrics(images, embedded.text_emb[name], owners)
         metrics.update({f"{prefix}.{name}.{k}": v for k, v in {**one_to_one, **multi}.items()})
         r1 += [one_to_one["image_to_text_R_at_1"], one_to_one["text_to_image_R_at_1"]]
         for direction, values in recall_curve(images, first, max_k=max_k).items():
             curves[f"{name}/{direction}"] = values
-    metrics[f"{prefix}.mean_R_at_1"] = float(np.mean(r1))
+    if r1:  # a set without captions has no retrieval numbers (not NaN ones)
+        metrics[f"{prefix}.mean_R_at_1"] = float(np.mean(r1))
+        metrics[f"{prefix}.chance_R_at_1"] = 1.0 / len(image_emb)
     metrics[f"{prefix}.images"] = float(len(image_emb))
-    metrics[f"{prefix}.chance_R_at_1"] = 1.0 / len(image_emb)
+    choice = headline_choice(embedded, protocol, caption_field, f"evaluate.eval_sets[{prefix}]")
+    if choice is not None:
+        name, resolved = choice
+        field_metrics = {k.removeprefix(f"{prefix}.{name}."): v for k, v in metrics.items()
+                         if k.startswith(f"{prefix}.{name}.")}
+        metrics.update({f"{prefix}.headline.{k}": v for k, v in protocols.headline(field_metrics, resolved).items()})
+    if cra:
+        metrics.update(_cra(embedded, prefix, choice[0] if choice else caption_field))
     if embedded.class_emb is not None:
-        index = {c: i for i, c in enumerate(embedded.classnames)}
-        keep = [i for i, label in enumerate(embedded.labels) if label in index]
-        labels = torch.tensor([index[embedded.labels[i]] for i in keep])
-        zs = zeroshot_metrics(image_emb[keep], embedded.class_emb, labels)
-        metrics.update({f"{prefix}.zeroshot.{k}": v for k, v in zs.items()})
-        metrics[f"{prefix}.zeroshot.classes"] = float(len(embedded.classnames))
+        metrics.update(_zeroshot(embedded, prefix))
     return metrics, curves
+
+
+def _cra(embedded: EmbeddedSet, prefix: str, name: str) -> dict[str, float]:
+    first, second = embedded.cra_pairs.get(name, (None, None))
+    pairs = 0 if first is None else len(first)
+    if pairs < 2:
+        log.warning("%s: CRA needs >= 2 images with two captions of field %r, found %d; no CRA", prefix,
+                    name or "(none)", pairs)
+        return {}
+    return {f"{prefix}.cra.{k}": v for k, v in protocols.cra(first, second).items()}

@@ -7,9 +7,9 @@ never sees half a report.
   ``/``).
 * recall plots: ``<name>.csv`` and ``<name>.json`` with one row per ``(k, recall, direction)``
   (DVC plots data) and ``<name>.png`` (matplotlib, Agg canvas, no pyplot global state).
-* report: one table per eval set and caption type, the candidate next to any references
-  (champion, baseline, ...) with deltas ``candidate - reference``; the HTML is standalone, its
-  plots embedded as base64.
+* report: the paper-layout table (:mod:`llm2clip.eval.paper_table`) when given, then one table
+  per eval set and caption type, the candidate next to any references (champion, baseline, ...)
+  with deltas ``candidate - reference``; the HTML is standalone, its plots embedded as base64.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm2clip.eval.paper_table import PaperTable
 from llm2clip.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -222,10 +223,16 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _markdown(title: str, meta: Mapping[str, Any], sections: list[ReportSection], md_dir: Path) -> str:
+PAPER_HEADING = "In the paper's layout"
+
+
+def _markdown(title: str, meta: Mapping[str, Any], sections: list[ReportSection], md_dir: Path,
+              paper_table: PaperTable | None = None) -> str:
     lines = [f"# {title}", ""]
     if meta:
         lines += ["| | |", "|---|---|"] + [f"| {_md(k)} | {_md(v)} |" for k, v in meta.items()] + [""]
+    if paper_table is not None:
+        lines += [f"## {PAPER_HEADING}", ""] + paper_table.markdown() + [""]
     lines += ["Δ = candidate − reference. Higher is better except for `*_rank` and losses.", ""]
     for s in sections:
         lines += [f"## {s.title}", ""]
@@ -252,13 +259,16 @@ img { max-width: 100%; }
 """
 
 
-def _html(title: str, meta: Mapping[str, Any], sections: list[ReportSection]) -> str:
+def _html(title: str, meta: Mapping[str, Any], sections: list[ReportSection],
+          paper_table: PaperTable | None = None) -> str:
     e = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{e(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
     if meta:
         parts.append("<table>" + "".join(
             f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in meta.items()) + "</table>")
+    if paper_table is not None:
+        parts += [f"<h2>{e(PAPER_HEADING)}</h2>", paper_table.html()]
     parts.append("<p>Δ = candidate − reference. Higher is better except for <code>*_rank</code> "
                  "and losses.</p>")
     for s in sections:
@@ -286,6 +296,7 @@ def write_report(
     *,
     title: str = "llm2clip evaluation",
     meta: Mapping[str, Any] | None = None,
+    paper_table: PaperTable | None = None,
 ) -> None:
     """Write the evaluation report as Markdown and as a standalone HTML page.
 
@@ -297,9 +308,10 @@ def write_report(
             fields).
         title: page title.
         meta: key/value lines shown first (model, git revision, data fingerprint, ...).
+        paper_table: the paper-layout table, shown after ``meta`` (and before the sections).
     """
     secs = [ReportSection.coerce(s) for s in sections]
     meta = dict(meta or {})
-    atomic_write_text(path_md, _markdown(title, meta, secs, Path(path_md).parent))
-    atomic_write_text(path_html, _html(title, meta, secs))
+    atomic_write_text(path_md, _markdown(title, meta, secs, Path(path_md).parent, paper_table))
+    atomic_write_text(path_html, _html(title, meta, secs, paper_table))
     log.info("wrote report (%d sections) to %s and %s", len(secs), path_md, path_html)

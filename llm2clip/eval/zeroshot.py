@@ -15,34 +15,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from llm2clip.config.templates import DEFAULT_TEMPLATES, SINGLE_TEMPLATE
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 4096
 
-#: The paper's single-template protocol (LLM2CLIP Table 3, "a photo of the {classname}").
-SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of the {}.",)
-
-#: A short prompt ensemble in the OpenAI style (written for this project, not the 80-prompt list).
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a blurry photo of a {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of a {}.",
-    "a dark photo of the {}.",
-    "a photo of a small {}.",
-    "a photo of a large {}.",
-    "a drawing of a {}.",
-    "a painting of the {}.",
-    "a sketch of a {}.",
-    "a cartoon {}.",
-    "a toy {}.",
-    "an origami {}.",
-    "a tattoo of a {}.",
-    "an emoji of {}.",
-    "a low resolution photo of the {}.",
-    "a 3d rendering of a {}.",
-)
+# The template lists live in llm2clip.config.templates (one definition); re-exported here.
+__all__ = ["DEFAULT_TEMPLATES", "SINGLE_TEMPLATE", "build_prompts", "class_embeddings", "zeroshot_metrics"]
 
 
 def build_prompts(classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[list[str]]:

@@ -24,12 +24,20 @@ class StageSpec:
         summary: One line for ``llm2clip --help``.
         inputs: Names of the input directories, produced by earlier stages.
         outputs: Names of the output directories this stage creates.
+        per_eval_set: For a stage that also runs once per evaluation set (``--eval-set NAME``:
+            prepare_data and embed_captions), the name under which those outputs, collected
+            over the sets, reach later stages.
+        collected: Inputs that are several directories, one per evaluation set: on the command
+            line a folder whose sub-folders are taken (``--eval-data data/eval``), in KFP a
+            ``dsl.Collected`` list over the eval-set ParallelFor. Optional: none means no sets.
     """
 
     name: str
     summary: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    per_eval_set: str = ""
+    collected: tuple[str, ...] = ()
 
     def module(self) -> ModuleType:
         """Import the stage module lazily (heavy imports stay out of ``--help``)."""
@@ -44,6 +52,7 @@ STAGES: dict[str, StageSpec] = {
             "validate image-caption sources and write split webdataset shards",
             inputs=(),
             outputs=("data",),
+            per_eval_set="eval_data",
         ),
         StageSpec(
             "caption_contrastive",
@@ -56,6 +65,7 @@ STAGES: dict[str, StageSpec] = {
             "embed every caption once with the frozen caption encoder into key-aligned sidecar shards",
             inputs=("data", "caption_encoder"),
             outputs=("embeddings",),
+            per_eval_set="eval_embeddings",
         ),
         StageSpec(
             "train_vision",
@@ -68,6 +78,7 @@ STAGES: dict[str, StageSpec] = {
             "retrieval and zero-shot metrics, champion comparison, quality gate, report",
             inputs=("data", "embeddings", "vision_model"),
             outputs=("report",),
+            collected=("eval_data", "eval_embeddings"),
         ),
         StageSpec(
             "register",

@@ -193,6 +193,8 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
             seconds = time.monotonic() - started
             zeroshot = _write_zeroshot(out, zs, prompt_vectors, cfg, identity)
             body = _manifest(cfg, common, data, source, identity, made + kept, zeroshot, endpoint)
+            if manifest.get("eval_set"):  # an evaluation set: evaluate finds its embeddings by name
+                body["eval_set"] = manifest["eval_set"]
             body = write_manifest(STAGE, out, body)  # last: the commit mark
             tracker.log_artifact(out / "manifest.json")
         metrics = _metrics(made, kept, seconds, len(prompts))

@@ -49,6 +49,26 @@ def write_adapter(model_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
+def tiny_coco(root: Path, images: int = 12) -> Path:
+    """A COCO Karpathy split in its public layout (``dataset_coco.json`` + ``val2014/``), tiny:
+    ``images`` test images with 6 captions each (the profile keeps the first 5) and one train image."""
+    from PIL import Image
+
+    (root / "val2014").mkdir(parents=True)
+    entries = []
+    for i in range(images + 1):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.new("RGB", (48, 40), (20 * i % 255, 90, 255 - 15 * i % 255)).save(root / "val2014" / name)
+        raws = [f"picture {i} caption {j}, a colour patch number {i}" for j in range(6)]
+        entries.append({"filepath": "val2014", "filename": name, "imgid": i, "cocoid": 1000 + i,
+                        "split": "test" if i < images else "train", "sentids": list(range(6 * i, 6 * i + 6)),
+                        "sentences": [{"raw": r, "tokens": r.split(), "imgid": i, "sentid": 6 * i + j}
+                                      for j, r in enumerate(raws)]})
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"dataset": "coco", "images": entries}))
+    return path
+
+
 def tiny_profile(profile: str, root: Path) -> Path:
     """``profile`` as a small file that ``extends:`` it and shrinks sizes and locations only."""
     model = tiny_assets.make_llama(root / "llama")
@@ -75,7 +95,14 @@ def tiny_profile(profile: str, root: Path) -> Path:
                          "embed_dim": 16, "batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 3,
                          "precision": "fp32", "workers": 0, "shuffle_buffer": 16, "checkpoint_every": 2,
                          "log_every": 1, "val_batch_size": 16, "lr": 1.0e-4},
-        "evaluate": {"batch_size": 16},
+        # the profile's COCO set (multi-caption headline, CRA) on a tiny COCO in the same layout
+        "eval_data": {"coco": {"sources": [{"kind": "karpathy", "name": "coco", "path": str(tiny_coco(root / "coco")),
+                                            "image_root": str(root / "coco"), "split": "test",
+                                            "caption_field": "captions", "max_captions": 5}],
+                               "shard_size": 8, "image_max_side": 64}},
+        "evaluate": {"batch_size": 16, "eval_sets": [
+            {"name": "val", "split": "val", "column": "in-domain"},
+            {"name": "coco", "eval_data": "coco", "protocol": "multi_caption", "column": "coco", "cra": True}]},
     }
     path = root / f"tiny-{profile}"
     path.write_text(yaml.safe_dump(overrides, sort_keys=False))
@@ -111,8 +138,11 @@ def test_a_paper_profile_runs_end_to_end_on_tiny_shapes(profile, tmp_path):
     stage("embed_captions", params, tmp_path, data=out["data"], caption_encoder=out["encoder"],
           embeddings=out["emb"])
     stage("train_vision", params, tmp_path, data=out["data"], embeddings=out["emb"], vision_model=out["vision"])
+    stage("prepare_data", params, tmp_path, eval_set="coco", data=tmp_path / "eval" / "coco")
+    stage("embed_captions", params, tmp_path, eval_set="coco", data=tmp_path / "eval" / "coco",
+          caption_encoder=out["encoder"], embeddings=tmp_path / "eval_emb" / "coco")
     stage("evaluate", params, tmp_path, data=out["data"], embeddings=out["emb"], vision_model=out["vision"],
-          report=out["report"])
+          report=out["report"], eval_data=tmp_path / "eval", eval_embeddings=tmp_path / "eval_emb")
     stage("register", params, tmp_path, vision_model=out["vision"], caption_encoder=out["encoder"],
           report=out["report"], registration=out["reg"])
 
@@ -124,5 +154,9 @@ def test_a_paper_profile_runs_end_to_end_on_tiny_shapes(profile, tmp_path):
     config = json.loads((out["vision"] / "llm2clip_config.json").read_text())
     assert config["tower"]["spec"]["kind"] == full.train_vision.tower and config["loss"] == "clip"
     assert tv["training"]["global_batch"] == 8  # 4 x 2 cached-feature micro-batches
+    metrics = json.loads((out["report"] / "metrics.json").read_text())
+    assert metrics["coco.images"] == 12 and metrics["coco.cra.pairs"] == 12  # 12 test images, 5 captions kept
+    assert 0 <= metrics["coco.headline.image_to_text_R_at_1"] <= 1 and "coco.headline.mean_R_at_1" in metrics
+    assert "coco" in (out["report"] / "paper_table.json").read_text()
     registration = json.loads((out["reg"] / "registration.json").read_text())
     assert "champion" in registration["aliases"]  # the first version of the profile's registered model

@@ -20,9 +20,16 @@ from pipelines.cache_key import task_cache_keys
 from pipelines.compile import compile_pipeline
 from pipelines.llm2clip_pipeline import pipeline_arguments
 
+EVAL_SETS = len(load_params(REPO / "params.yaml").eval_data)
+PREPARE_EVAL = {f"prepare_eval[{i}]" for i in range(EVAL_SETS)}  # the eval-set ParallelFor's tasks, per item
+EMBED_EVAL = {f"embed_eval[{i}]" for i in range(EVAL_SETS)}
+EVERY_TASK = set(STAGES) | PREPARE_EVAL | EMBED_EVAL
 DOWNSTREAM = {  # a stage and every stage that consumes its outputs, directly or not
-    "prepare_data": set(STAGES),
-    "caption_contrastive": {"caption_contrastive", "embed_captions", "train_vision", "evaluate", "register"},
+    # the eval sets are prepared from their own sections (the pipeline's data does not touch them)
+    # and embedded with the caption encoder, which the data trains
+    "prepare_data": set(STAGES) | EMBED_EVAL,
+    "caption_contrastive": {"caption_contrastive", "embed_captions", "train_vision", "evaluate", "register"}
+    | EMBED_EVAL,
     "embed_captions": {"embed_captions", "train_vision", "evaluate", "register"},
     "train_vision": {"train_vision", "evaluate", "register"},
     "evaluate": {"evaluate", "register"},
@@ -64,15 +71,39 @@ def test_new_data_always_reruns_the_training_launchers(compiled, arguments, prof
 
 
 def test_common_changes_every_stage(compiled, arguments):
+    from pipelines.llm2clip_pipeline import eval_data_items
+
     spec = compiled["cpu"][0]
-    edited = {**arguments, "common": {**arguments["common"], "seed": 123}}
-    assert changed(task_cache_keys(spec, arguments), task_cache_keys(spec, edited)) == set(STAGES)
+    params = load_params(REPO / "params.yaml", ["common.seed=123"])
+    edited = {**arguments, "common": {**arguments["common"], "seed": 123}, "eval_data": eval_data_items(params)}
+    assert changed(task_cache_keys(spec, arguments), task_cache_keys(spec, edited)) == EVERY_TASK
+
+
+def test_the_eval_sets_are_cached_apart_from_the_model_and_from_each_other(compiled, arguments):
+    """A new model re-scores the eval sets without preparing or embedding them again; editing one
+    set reruns that set's two tasks, evaluate and register only."""
+    spec = compiled["cpu"][0]
+    base = task_cache_keys(spec, arguments)
+    assert EVAL_SETS >= 2 and PREPARE_EVAL | EMBED_EVAL <= set(base)
+    model = {**arguments, "train_vision": {**arguments["train_vision"], "lr": 1e-3}}
+    assert changed(base, task_cache_keys(spec, model)) == DOWNSTREAM["train_vision"]
+    items = [dict(item) for item in arguments["eval_data"]]
+    items[1] = {**items[1], "prepare_data": {**items[1]["prepare_data"], "image_max_side": 96}}
+    assert changed(base, task_cache_keys(spec, {**arguments, "eval_data": items})) == {
+        "prepare_eval[1]", "embed_eval[1]", "evaluate", "register"}
+    # the embedding settings re-embed every eval set, as they re-embed the pipeline's captions
+    embed = {**arguments, "embed_captions": {**arguments["embed_captions"], "dtype": "float32"}}
+    from pipelines.llm2clip_pipeline import eval_data_items
+
+    params = load_params(REPO / "params.yaml", ["embed_captions.dtype=float32"])
+    assert changed(base, task_cache_keys(spec, {**embed, "eval_data": eval_data_items(params)})) == (
+        DOWNSTREAM["embed_captions"] | EMBED_EVAL)
 
 
 def test_image_changes_rerun_the_tasks_that_use_them(compiled, arguments):
     cpu = compiled["cpu"][0]
     assert changed(task_cache_keys(cpu, arguments),
-                   task_cache_keys(cpu, {**arguments, "image": "registry/llm2clip:other-cpu"})) == set(STAGES)
+                   task_cache_keys(cpu, {**arguments, "image": "registry/llm2clip:other-cpu"})) == EVERY_TASK
     gpu = compiled["gpu"][0]
     base = task_cache_keys(gpu, arguments)
     # GPU tasks run gpu_image; the TrainJob launchers pass it to their nodes (trainjob_image)

@@ -10,8 +10,10 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from kfp_helpers import REPO
 from tiny_pipeline import write_tiny_params
 
@@ -113,3 +115,25 @@ def test_artifacts_carry_metadata_and_evaluate_publishes_kfp_outputs(local_run):
     register = json.loads((run_dir / "register" / "executor_output.json").read_text())
     reg_meta = register["artifacts"]["registration"]["artifacts"][0]["metadata"]
     assert any(str(v).startswith("models:/llm2clip-tiny") for v in reg_meta.values()), reg_meta
+
+
+def test_the_eval_sets_run_in_the_parallel_for_and_evaluate_scores_each(local_run):
+    """Each eval set of params.yaml (the demo's: long captions, German/French captions, an
+    ImageNet-style folder) ran prepare_data + embed_captions as one ParallelFor iteration, and
+    evaluate found every one among the collected outputs, by the name in its manifest."""
+    run_dir, _, _, params = local_run
+    names = list(yaml.safe_load(params.read_text())["eval_data"])
+    report = run_dir / "evaluate" / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    inputs = json.loads((report / "manifest.json").read_text())["eval_set_inputs"]
+    found = set()
+    for entry in inputs.values():  # each set's own prepare_data and embed_captions outputs
+        data = json.loads((Path(entry["data"]) / "manifest.json").read_text())
+        embeddings = json.loads((Path(entry["embeddings"]) / "manifest.json").read_text())
+        assert data["eval_set"] == embeddings["eval_set"] and list(data["shards"]) == ["test"]
+        found.add(data["eval_set"])
+    assert found == set(names)
+    assert metrics["long.images"] == metrics["crosslingual.images"] == 16 and metrics["shapes.images"] == 12
+    assert "long.headline.mean_R_at_1" in metrics and "shapes.zeroshot_single.top1" in metrics
+    groups = {c["group"] for c in json.loads((report / "paper_table.json").read_text())["columns"]}
+    assert {"in-domain", "crosslingual"} <= groups

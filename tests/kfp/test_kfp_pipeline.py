@@ -19,13 +19,14 @@ PARAM_FILES = [REPO / "params.yaml", *sorted((REPO / "params").glob("*.yaml"))]
 
 def test_pipeline_takes_common_plus_one_section_per_stage(compiled_ir):
     declared = compiled_ir["root"]["inputDefinitions"]["parameters"]
-    assert list(llm2clip_pipeline.component_spec.inputs) == ["common", *STAGES, "image", "gpu_image"]
-    sections = {name: p for name, p in declared.items() if name not in ("image", "gpu_image")}
+    assert list(llm2clip_pipeline.component_spec.inputs) == ["common", *STAGES, "eval_data", "image", "gpu_image"]
+    sections = {name: p for name, p in declared.items() if name not in ("image", "gpu_image", "eval_data")}
     assert sorted(sections) == sorted(["common", *STAGES]) == sorted(SECTIONS)
     assert set(sections) <= set(Params.__dataclass_fields__)
     assert all(p["parameterType"] == "STRUCT" for p in sections.values())
     assert all("defaultValue" not in p for p in sections.values()), "params come from params.yaml"
     assert declared["image"]["parameterType"] == declared["gpu_image"]["parameterType"] == "STRING"
+    assert declared["eval_data"]["parameterType"] == "LIST" and declared["eval_data"]["defaultValue"] == []
     assert all(p.get("description") for p in declared.values())
     assert compiled_ir["pipelineInfo"]["name"] == PIPELINE_NAME
 
@@ -34,13 +35,18 @@ def test_pipeline_takes_common_plus_one_section_per_stage(compiled_ir):
 def test_every_params_file_gives_pipeline_arguments(path):
     params = load_params(path)
     arguments = pipeline_arguments(params)
-    assert list(arguments) == ["common", *STAGES]
+    assert list(arguments) == ["common", *STAGES, "eval_data"]
     # what a task receives validates back to exactly the same typed sections (nulls dropped:
     # KFP cannot carry them, and every optional field defaults to None)
     assert "null" not in json.dumps(arguments)
     for stage in STAGES:
         cfg, common = load_sections(stage, arguments["common"], arguments[stage])
         assert cfg == params.section(stage) and common == params.common
+    # each eval set's item validates back to the sections `--eval-set NAME` runs with
+    assert [item["name"] for item in arguments["eval_data"]] == list(params.eval_data)
+    for item in arguments["eval_data"]:
+        for stage in ("prepare_data", "embed_captions"):
+            assert load_sections(stage, item["common"], item[stage]) == params.eval_set(item["name"], stage)
 
 
 def test_compile_cli_is_independent_of_the_environment(tmp_path):

@@ -263,6 +263,9 @@ def _unset_keys(cls: type, raw: dict, where: str) -> list[str]:
         tp, value = hints[f.name], raw[f.name]
         if classes(tp) and isinstance(value, dict):
             unset += _unset_keys(classes(tp)[0], value, key)
+        elif typing.get_origin(tp) is dict and classes(typing.get_args(tp)[1]) and isinstance(value, dict):
+            for name, item in value.items():  # e.g. each eval set of eval_data
+                unset += _unset_keys(classes(typing.get_args(tp)[1])[0], item, f"{key}.{name}")
         elif typing.get_origin(tp) is tuple and isinstance(value, list):
             options = classes(typing.get_args(tp)[0])
             for i, item in enumerate(value):
