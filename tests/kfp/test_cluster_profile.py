@@ -24,9 +24,21 @@ from pipelines.llm2clip_pipeline import RUN_ID_FIELD, launcher_pod
 PROFILES = ("cpu", "gpu")
 
 
+# the eval-set ParallelFor runs these tasks with their stage's component, placed like that stage
+EVAL_VARIANTS = {"prepare_eval": "prepare_data", "embed_eval": "embed_captions"}
+
+
+def all_tasks(spec: dict) -> dict[str, dict]:
+    """Root tasks and the tasks of sub-DAGs (the eval-set ParallelFor), by display name."""
+    tasks = dict(pipeline_tasks(spec))
+    for component in spec["components"].values():
+        tasks |= {t["taskInfo"]["name"]: t for t in component.get("dag", {}).get("tasks", {}).values()}
+    return tasks
+
+
 def task_settings(spec: dict, platform: dict, stage: str) -> tuple[dict, dict, dict]:
-    """``(task, container, kubernetes executor config)`` of ``stage`` in a compiled pipeline."""
-    task = pipeline_tasks(spec)[stage]
+    """``(task, container, kubernetes executor config)`` of ``stage`` (or an eval variant) in a compiled pipeline."""
+    task = all_tasks(spec)[stage]
     executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
     container = spec["deploymentSpec"]["executors"][executor]["container"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]
@@ -39,18 +51,18 @@ def test_compiled_yaml_parses_strictly(compiled, profile):
     json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())  # unknown fields raise ParseError
     platform_spec = json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
     executors = platform_spec.platforms["kubernetes"].deployment_spec.executors
-    assert len(executors) == len(STAGES)
+    assert len(executors) == len(STAGES) + len(EVAL_VARIANTS)
     for name, struct in executors.items():
         config = json_format.ParseDict(json_format.MessageToDict(struct), k8s_pb2.KubernetesExecutorConfig())
         assert config.image_pull_policy == "IfNotPresent", name
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", [*STAGES, *EVAL_VARIANTS])
 def test_each_task_carries_its_profile(compiled, profile, stage):
     spec, platform = compiled[profile]
     cluster = load_cluster_profile(profile)
-    settings = cluster.task(stage)
+    settings = cluster.task(EVAL_VARIANTS.get(stage, stage))
     trainjob = settings.launcher == "trainjob"
     pod = launcher_pod(settings) if trainjob else settings
     task, container, k8s = task_settings(spec, platform, stage)
@@ -67,7 +79,14 @@ def test_each_task_carries_its_profile(compiled, profile, stage):
         assert "accelerator" not in resources
     image = "gpu_image" if pod.gpu else "image"
     assert container["image"] == f"{{{{$.inputs.parameters['pipelinechannel--{image}']}}}}"
-    assert task["inputs"]["parameters"][f"pipelinechannel--{image}"] == {"componentInputParameter": image}
+    channel = f"pipelinechannel--{image}"
+    if stage in EVAL_VARIANTS:  # inside the ParallelFor: the loop passes the pipeline's parameter in
+        assert task["inputs"]["parameters"][channel] == {"componentInputParameter": channel}
+        (loop,) = [t for t in pipeline_tasks(spec).values() if channel in t["inputs"].get("parameters", {})
+                   and "parameterIterator" in t]
+        assert loop["inputs"]["parameters"][channel] == {"componentInputParameter": image}
+    else:
+        assert task["inputs"]["parameters"][channel] == {"componentInputParameter": image}
 
     assert k8s.get("nodeSelector", {}).get("labels", {}) == pod.node_selector
     assert [{k: v for k, v in t.items() if k != "tolerationSeconds"} for t in k8s.get("tolerations", [])] == \
