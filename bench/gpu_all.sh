@@ -7,7 +7,10 @@
 # 2. bench/gpu_train_vision.sh: ViT-B/16 + adapter, bf16, ZeRO-1, batch 256 per GPU (the reference
 #    setting) with CLIP and with SigLIP loss, each against a plain PyTorch loop (the peer), then
 #    batch 512 with ZeRO-2 and gradient checkpointing (the memory-saving setting);
-# 3. the tests marked `gpu` (pytest -m gpu).
+# 3. bench/gpu_embed.py: caption-embedding throughput (captions/s, tokens/s, MFU) of a Llama-3-8B-shaped
+#    backbone (random weights) at bf16, packed inference vs the padded `transformers` forward (the peer)
+#    on the same batches; its RESULT line feeds bench/bench_embed_workers.py --gpu-tokens-per-s;
+# 4. the tests marked `gpu` (pytest -m gpu): packed inference and embed_captions workers on CUDA.
 #
 # A machine without our pins (the lent GPU machines have torch/transformers but not DeepSpeed or
 # pydantic) installs wheels from .whl/ when that folder exists (see docs/benchmarks.md for how it
@@ -49,6 +52,9 @@ run b512_zero2_gc --batch-size 512 --zero-stage 2 --gradient-checkpointing --ste
 run b256_fp16 --precision fp16 --steps 30 --warmup 5 --no-peer           # the reference precision (loss scaling)
 run l14_336 --shape vit-l-14-336 --batch-size 0 --gradient-checkpointing --steps 10 --warmup 3  # the paper's tower
 run eva02_l14_336 --shape eva02-l-14-336 --batch-size 0 --gradient-checkpointing --steps 10 --warmup 3 --no-peer
+echo "== embed_captions: packed vs padded forward (bench/gpu_embed.py)"
+timeout 400 "$PY" bench/gpu_embed.py 2>&1 | grep -v "^\[20[0-9][0-9]-" >"$OUT/embed.log"; rc=${PIPESTATUS[0]}
+if [[ $rc -ne 0 ]]; then status=1; tail -25 "$OUT/embed.log"; else grep -E "^gpu_embed|^\||^RESULT" "$OUT/embed.log"; fi
 echo "== pytest -m gpu"
-timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/unit/text/test_packed.py 2>&1 | tail -15 || status=1
+timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/unit/text/test_packed.py tests/unit/text/test_embed_workers.py 2>&1 | tail -15 || status=1
 exit $status

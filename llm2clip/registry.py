@@ -7,8 +7,9 @@
    encoder (found again by :func:`encoder_fingerprint`), so an 8B LLM is stored once, not in
    every vision version;
 3. logs the vision model as an MLflow pyfunc (:mod:`llm2clip.pyfunc`) and registers it as a new
-   version of ``<name>`` with the caller's lineage tags, ``metric.<key>`` tags and the link to
-   the encoder version; the version gets the ``challenger`` alias;
+   version of ``<name>`` with the caller's lineage tags, ``metric.<key>`` tags, the link to the
+   encoder version and the data revision of the registering run (``data_revision``, from its
+   ``llm2clip.data_revision`` tag: ``common.data_revision``); the version gets the ``challenger`` alias;
 4. moves ``champion`` to it only when its primary metric beats the champion's (read from the
    champion's ``metric.<key>`` tag) by more than ``promote_margin``, or when there is no
    champion; ``promotion_decision`` / ``promotion_reason`` say what happened and why.
@@ -47,6 +48,7 @@ METRIC_PREFIX = "metric."
 FINGERPRINT_TAG = "content_fingerprint"
 ENCODER_FINGERPRINT_TAG = "caption_encoder_fingerprint"
 DECISION_TAG, REASON_TAG = "promotion_decision", "promotion_reason"
+DATA_REVISION_TAG = "data_revision"
 PROMOTED, NOT_PROMOTED = "promoted", "not_promoted"
 # A registered model name (and the caption encoder's): what MLflow accepts in a models:/ URI.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -324,6 +326,14 @@ def _stage_model(model_dir: Path, tmp: Path) -> Path:
     return staged
 
 
+def _run_data_revision(client: Any, run_id: str | None) -> dict[str, str]:
+    """``{data_revision: REV}`` from the registering run's lineage tag (empty without a run or a revision)."""
+    from llm2clip.tracking import DATA_REVISION_TAG as RUN_TAG
+
+    revision = client.get_run(run_id).data.tags.get(RUN_TAG, "") if run_id else ""
+    return {DATA_REVISION_TAG: revision} if revision else {}
+
+
 def _version_tags(tags: dict[str, Any] | None, metrics: dict[str, float], **extra: Any) -> dict[str, str]:
     out = {str(k): str(v) for k, v in (tags or {}).items()}
     out.update({metric_tag(k): repr(v) for k, v in metrics.items()})
@@ -347,7 +357,8 @@ def register_model(model_dir: str | Path, caption_encoder_dir: str | Path | None
         promote_margin: How much better than the champion a version must be to replace it.
         tracking_uri: MLflow tracking (and registry) URI.
         tags: Lineage tags for the version (git rev, data checksums, params hash, KFP run id,
-            eval protocol, ...), written as given.
+            eval protocol, ...), written as given. The run's data revision is added as
+            ``data_revision`` unless ``tags`` has one.
         greater_is_better: Direction of ``primary_metric``.
         experiment: Experiment that holds the logged models (ignored when ``run_id`` is given).
         run_id: The register stage's run; the logged models are linked to it.
@@ -377,8 +388,8 @@ def register_model(model_dir: str | Path, caption_encoder_dir: str | Path | None
             return _result(client, version, True, value, primary_metric, champion)
         if version is None:
             version_tags = _version_tags(
-                tags, flat, primary_metric=primary_metric, promote_margin=promote_margin,
-                greater_is_better=greater_is_better, weights_sha256=weights_sha,
+                {**_run_data_revision(client, run_id), **(tags or {})}, flat, primary_metric=primary_metric,
+                promote_margin=promote_margin, greater_is_better=greater_is_better, weights_sha256=weights_sha,
                 embed_dim=config.get("embed_dim", ""), **{FINGERPRINT_TAG: fingerprint})
             version = _create_version(
                 client, Path(model_dir), caption_encoder_dir, name=name, config=config, tags=version_tags,

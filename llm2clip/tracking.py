@@ -2,8 +2,9 @@
 
 Each stage run is one MLflow run named after the stage. Lineage tags say exactly what it was
 made from: the git revision, the checksum of every input directory's manifest, the hash of the
-stage config, and the pipeline run it belongs to (a KFP run id, or any id given with
-``--pipeline-run-id``); runs of one pipeline run are grouped under a parent run with that id.
+stage config, the data revision (``common.data_revision``, when set), and the pipeline run it
+belongs to (a KFP run id, or any id given with ``--pipeline-run-id``); runs of one pipeline run
+are grouped under a parent run with that id.
 With ``common.tracking: false`` the same calls do nothing, so stages never depend on a server.
 """
 
@@ -24,6 +25,8 @@ from llm2clip.io import StageError, dir_fingerprint
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "llm2clip.pipeline_run_id"
+DATA_REVISION_TAG = "llm2clip.data_revision"
+"""``common.data_revision``: the git/DVC revision of the data the run reads (set only when non-empty)."""
 
 
 CLUSTER_RUN_ENV = ("KFP_POD_NAME", "LLM2CLIP_ON_CLUSTER")
@@ -148,6 +151,8 @@ def lineage_tags(
     for name, path in inputs.items():
         tags[f"llm2clip.input.{name}.path"] = str(path)
         tags[f"llm2clip.input.{name}.manifest_sha256"] = dir_fingerprint(path, common.s3_endpoint_url)
+    if revision := common.data_revision:
+        tags[DATA_REVISION_TAG] = revision
     if pipeline_run_id:
         tags[PIPELINE_TAG] = pipeline_run_id
     return tags

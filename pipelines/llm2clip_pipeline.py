@@ -15,7 +15,9 @@ launcher pod that creates a Kubeflow Trainer TrainJob (:mod:`llm2clip.cluster.tr
 Caching (KFP's key is a hash of a task's input parameter values, its input artifacts' ids, its
 command/args and image; not its env or pod settings):
 - data: an upstream task that reran produces new artifacts, so every consumer's key changes;
-- the stage section and ``common``: input parameters;
+- the stage section and ``common``: input parameters (``common.data_revision``, the revision of
+  the DVC-tracked data, included: another revision reruns every task; a branch name that moved
+  does not: pass a commit, see :func:`data_revision_override`);
 - code: the image tag names the source digest (``components.image_tag``), and each task's image
   is a pipeline parameter, so new code is a new key; a new image is a new key too;
 - never otherwise: the run id is not a parameter (the pod's ``pipeline/runid`` label reaches the
@@ -136,7 +138,8 @@ def build_pipeline(profile: ClusterProfile | None = None):
         """LLM2CLIP: train a CLIP vision encoder against a caption-tuned LLM text encoder.
 
         Args:
-            common: The ``common`` params section (seed, MLflow experiment, caption fields).
+            common: The ``common`` params section (seed, MLflow experiment, caption fields, the
+                data revision that ``dvc`` sources read at and every task records).
             prepare_data: The ``prepare_data`` params section (sources, validation, sharding).
             caption_contrastive: The ``caption_contrastive`` section (base LLM, LoRA, steps).
             embed_captions: The ``embed_captions`` section (dtype, token budget, workers).
@@ -196,6 +199,19 @@ def pipeline_arguments(params: Params, images: dict[str, str] | None = None) -> 
     if unknown:
         raise RuntimeError(f"unknown image parameters {unknown}: image, gpu_image")
     return arguments | {k: v for k, v in (images or {}).items() if v}
+
+
+def data_revision_override(revision: str | None) -> list[str]:
+    """The ``--set`` override of ``--data-revision REV`` (``pipelines.submit`` / ``pipelines.local``):
+    ``common.data_revision``, quoted so that a revision of digits stays a string; none without one.
+
+    The revision is the git revision (commit, tag, branch) of the DVC-tracked data: every ``dvc``
+    source without its own ``rev`` reads at it, every stage's MLflow run records it
+    (``llm2clip.data_revision``) and so does the registered model version (``data_revision``).
+    KFP's cache key holds the name as given: a later run naming a branch that has moved reuses
+    the cached tasks, so pin a commit (``git rev-parse``) or pass ``--no-cache``.
+    """
+    return [f"common.data_revision={json.dumps(revision)}"] if revision else []
 
 
 def eval_data_items(params: Params) -> list[dict[str, Any]]:

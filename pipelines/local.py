@@ -1,7 +1,7 @@
 """Run the whole pipeline on this machine with ``kfp.local`` (no cluster, no Docker).
 
     python -m pipelines.local [--params params.yaml] [--set section.key=value ...]
-                              [--pipeline-root local_outputs]
+                              [--data-revision REV] [--pipeline-root local_outputs]
 
 Tasks run as subprocesses of the current interpreter (``SubprocessRunner(use_venv=False)``):
 the components install nothing (``install_kfp_package=False``, no ``packages_to_install``), so
@@ -25,7 +25,12 @@ from pathlib import Path
 from llm2clip.cluster.task import PIPELINE_RUN_ENV
 from llm2clip.config import ConfigError, Params, load_params
 from llm2clip.stages import STAGES
-from pipelines.llm2clip_pipeline import PIPELINE_NAME, llm2clip_pipeline, pipeline_arguments
+from pipelines.llm2clip_pipeline import (
+    PIPELINE_NAME,
+    data_revision_override,
+    llm2clip_pipeline,
+    pipeline_arguments,
+)
 
 log = logging.getLogger("pipelines.local")
 
@@ -78,13 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override one value (repeatable)")
+    parser.add_argument("--data-revision", metavar="REV",
+                        help="git revision of the DVC-tracked data (common.data_revision): dvc sources "
+                        "without a rev read at it; recorded in MLflow and on the registered model")
     parser.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),
                         help="where kfp.local writes the runs' artifacts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        params = load_params(args.params, args.overrides)
+        params = load_params(args.params, args.overrides + data_revision_override(args.data_revision))
     except ConfigError as err:
         log.error("configuration error: %s", err)
         return 2

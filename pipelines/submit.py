@@ -1,7 +1,7 @@
 """Upload the pipeline to Kubeflow Pipelines and start (or schedule) a run of it.
 
     python -m pipelines.submit --params params/paper-openai-l14-336.yaml [--set SECTION.KEY=VALUE ...]
-        [--cluster cpu|gpu|PATH] [--image TAG] [--gpu-image TAG] [--pipeline-root s3://bucket/root]
+        [--data-revision REV] [--cluster cpu|gpu|PATH] [--image TAG] [--gpu-image TAG] [--pipeline-root s3://bucket/root]
         [--experiment NAME] [--run-name NAME] [--namespace NS] [--service-account SA]
         [--pipeline-name llm2clip] [--version-name NAME] [--no-upload] [--no-cache]
         [--watch [--timeout SECONDS]] [--recurring "0 0 3 * * *"]
@@ -70,7 +70,7 @@ from llm2clip.cluster.profile import ClusterProfile, check_fit, load_cluster_pro
 from llm2clip.config import ConfigError, load_params
 from llm2clip.tracking import git_revision
 from pipelines.compile import compile_pipeline
-from pipelines.llm2clip_pipeline import DEFAULT_PROFILE, PIPELINE_NAME, pipeline_arguments
+from pipelines.llm2clip_pipeline import DEFAULT_PROFILE, PIPELINE_NAME, data_revision_override, pipeline_arguments
 
 log = logging.getLogger("pipelines.submit")
 
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--params", type=Path, required=True, help="params YAML, e.g. params/paper-openai-l14-336.yaml")
     what.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="SECTION.KEY=VALUE", help="override one value (repeatable)")
+    what.add_argument("--data-revision", metavar="REV",
+                      help="git revision of the DVC-tracked data (common.data_revision): dvc sources without a "
+                      "rev read at it; every task records it in MLflow and the registered model in a tag. Pin a "
+                      "commit: KFP caches by the name, so a moved branch would reuse cached tasks")
     what.add_argument("--cluster", default=DEFAULT_PROFILE, metavar="cpu|gpu|PATH",
                       help="cluster profile: a name in params/cluster/ or a YAML path (default: %(default)s)")
     what.add_argument("--image", help="image of CPU tasks (default: this source tree's -cpu tag)")
@@ -309,7 +313,11 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Plan:
         check_cron(args.recurring)
     if args.timeout <= 0 or args.poll <= 0:
         raise UsageError("--timeout and --poll must be > 0")
-    params = load_params(args.params, args.overrides)
+    params = load_params(args.params, args.overrides + data_revision_override(args.data_revision))
+    if args.data_revision and not args.no_cache and not re.fullmatch(r"[0-9a-f]{40}", args.data_revision):
+        log.warning("--data-revision %s is not a full commit sha: KFP's cache key holds the name, so a later run "
+                    "naming it reuses cached tasks even after it moved; pass `git rev-parse %s` or --no-cache",
+                    args.data_revision, args.data_revision)
     profile = load_cluster_profile(args.cluster)
     check_fit(profile, params)
     try:

@@ -123,3 +123,15 @@ def sqlite_tracking(tmp_path):
 
 def have(cmd: str) -> bool:
     return shutil.which(cmd) is not None or (BIN / cmd).exists()
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Path:
+    """A clean clone of the repo after one `dvc repro` of the tiny profile (tests/test_dvc.py), shared
+    by every module that needs one (the repro is the slow part); tests copy it before changing it."""
+    from test_dvc import clean_clone, dvc
+
+    clone = clean_clone(tmp_path_factory.mktemp("dvc") / "repo")
+    log = dvc(["repro"], clone)
+    (clone.parent / "repro.log").write_text(log)
+    return clone

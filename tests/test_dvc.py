@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from tiny_pipeline import tiny_params
 
@@ -78,15 +77,6 @@ def outs(clone: Path) -> list[Path]:
 def digests(paths: list[Path]) -> dict[str, str]:
     files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-
-
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> Path:
-    """A clean clone after one `dvc repro` (shared: the repro is the slow part)."""
-    clone = clean_clone(tmp_path_factory.mktemp("dvc") / "repo")
-    log = dvc(["repro"], clone)
-    (clone.parent / "repro.log").write_text(log)
-    return clone
 
 
 def test_repro_from_a_clean_clone(reproduced):

@@ -40,6 +40,7 @@ from llm2clip.config.loader import (
 )
 from llm2clip.config.params import Params
 from llm2clip.config.prepare_data import (
+    DvcSource,  # from llm2clip.config.dvc_source, which prepare_data imports after the kinds it wraps
     EmojiSource,
     ManifestSource,
     PrepareDataConfig,
@@ -58,6 +59,7 @@ __all__ = [
     "CaptionTableSource",
     "CommonConfig",
     "ConfigError",
+    "DvcSource",
     "EmbedCaptionsConfig",
     "EVAL_SPLIT",
     "EmojiSource",

@@ -26,6 +26,11 @@ class CommonConfig:
             runs prepare_data/embed_captions with none.
         registered_model: MLflow registered-model name of the vision model (evaluate compares
             with its ``champion``; register creates versions of it).
+        data_revision: The git revision (commit, tag or branch) of the DVC-tracked data this run
+            reads: the ``rev`` of every ``dvc`` source that names none, recorded as the
+            ``llm2clip.data_revision`` tag of every stage's MLflow run and the ``data_revision``
+            tag of the registered model version (``--data-revision`` of ``pipelines.submit`` /
+            ``pipelines.local``). Empty: none (every ``dvc`` source then needs its own ``rev``).
     """
 
     seed: int = 0
@@ -35,6 +40,7 @@ class CommonConfig:
     s3_endpoint_url: str = ""
     caption_fields: tuple[str, ...] = ("short", "dense")
     registered_model: str = "llm2clip"
+    data_revision: str = ""
 
     def __post_init__(self) -> None:
         if len(set(self.caption_fields)) != len(self.caption_fields):

@@ -20,9 +20,14 @@ class EmbedCaptionsConfig:
             length and packed until ``captions x longest`` would pass it. 0 = auto: 1024 on CPU
             (activations stay in cache; bigger was slower on the 2-core box), 16384 on CUDA.
         max_batch_size: Upper bound on captions per forward pass.
-        num_workers: Processes embedding shards in parallel; each loads the encoder (CPU: each
-            gets ``cores // num_workers`` torch threads; CUDA: workers are spread over GPUs).
-        threads: Torch threads per worker; 0 = ``cores // num_workers``.
+        num_workers: Processes embedding shards in parallel; each loads the encoder. 0 = auto:
+            on CUDA one per GPU the process sees (``torch.cuda.device_count()``, which honours
+            ``CUDA_VISIBLE_DEVICES``), on CPU one (its torch threads use every core). Worker
+            ``w`` runs on ``cuda:w``; only more workers than GPUs, asked for here, share GPUs
+            (round robin). Shards are split deterministically (``llm2clip.text.embed.assign_work``)
+            and the output does not depend on the worker count (for a fixed ``threads`` on CPU,
+            where the thread count decides the float summation order).
+        threads: Torch threads per worker; 0 = ``cores // workers``.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         precision: ``auto`` (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU), ``fp32``,
             ``bf16`` or ``fp16`` (GPU only).
@@ -39,7 +44,7 @@ class EmbedCaptionsConfig:
     normalize: bool = True
     max_tokens: int = 0
     max_batch_size: int = 256
-    num_workers: int = 1
+    num_workers: int = 0
     threads: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -50,10 +55,9 @@ class EmbedCaptionsConfig:
 
     def __post_init__(self) -> None:
         where = "embed_captions"
-        for key in ("max_batch_size", "num_workers"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{where}.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("max_tokens", "threads", "max_length"):
+        if self.max_batch_size < 1:
+            raise ConfigError(f"{where}.max_batch_size: must be >= 1, got {self.max_batch_size}")
+        for key in ("max_tokens", "num_workers", "threads", "max_length"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
         for t in self.zeroshot_templates:

@@ -146,8 +146,10 @@ class ManifestSource:
                 ) from None
 
 
+from llm2clip.config.dvc_source import DvcSource  # noqa: E402 (it wraps the two kinds above)
+
 Source = (SyntheticSource | EmojiSource | WebDatasetSource | ManifestSource
-          | KarpathySource | LongCaptionSource | ImageNetSource | CaptionTableSource)
+          | KarpathySource | LongCaptionSource | ImageNetSource | CaptionTableSource | DvcSource)
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,11 @@ class PrepareDataConfig:
             of an ``eval_data`` entry when this run prepares that evaluation set (set by
             ``prepare_data --eval-set NAME``): every kept sample goes into the one split ``test``
             and the manifest records the name.
+        workers: Processes that validate, re-encode and write shards (``llm2clip.data.groups``);
+            0 = one per core this process may use (its CPU affinity, capped by a container's CPU
+            limit), or none for a run too small to pay for starting them (one group, or fewer
+            than 2000 samples known in advance); 1 = all in this process. The output is
+            byte-identical for any value, and it is left out of the manifest's ``config_hash``.
     """
 
     sources: tuple[Source, ...] = (SyntheticSource(),)
@@ -198,10 +205,13 @@ class PrepareDataConfig:
     jpeg_quality: int = 90
     validation: ValidationConfig = ValidationConfig()
     eval_set: str = ""
+    workers: int = 0
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise ConfigError("prepare_data.sources: at least one source is needed")
+        if self.workers < 0:
+            raise ConfigError(f"prepare_data.workers: must be >= 0 (0 = one per core), got {self.workers}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"prepare_data.val_fraction: must be in [0, 1), got {self.val_fraction}")
         names = [s.name for s in self.sources]

@@ -7,13 +7,15 @@ import logging
 import math
 import textwrap
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from llm2clip.config import CommonConfig, PrepareDataConfig, config_hash
-from llm2clip.data.collect import Collection, SpillFile
+from llm2clip.config import CommonConfig, PrepareDataConfig, config_hash, to_dict
+from llm2clip.data.collect import Collection
 from llm2clip.data.quality import QualityReport
 from llm2clip.data.records import NOT_DEFECTS, Rejection, SampleRecord
 from llm2clip.data.shards import EVAL_SPLIT, FORMAT_VERSION, SPLITS, STAGE, TRAIN_SPLITS, run_splits
@@ -22,27 +24,39 @@ from llm2clip.io import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 PREVIEW_FILE = "preview.jpg"
+PREVIEW_SAMPLES = 16
 _FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 
 
+# How the stage runs (how many processes) does not change what it writes: left out of the
+# config_hash of its manifest, which is then the same for any prepare_data.workers.
+RUN_ONLY = ("workers",)
+
+
+def output_hash(common: CommonConfig, cfg: PrepareDataConfig) -> str:
+    """The ``config_hash`` of the output: of ``common`` and ``cfg`` without :data:`RUN_ONLY` fields."""
+    return config_hash(common, {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY})
+
+
 def counts(
-    col: Collection, kept: list[SampleRecord], rejects: list[Rejection], sources: list[str],
+    col: Collection, kept: Counter, rejects: list[Rejection], sources: list[str],
     duplicate_images: int, splits: tuple[str, ...] = TRAIN_SPLITS,
 ) -> dict[str, Any]:
     """All the numbers of one run (they go into the manifest and MLflow).
 
-    ``splits``: those of the run (train/val, or ``test`` for an evaluation set), counted overall
-    and per source.
+    ``kept``: ``(source, split) -> kept samples``. ``splits``: those of the run (train/val, or
+    ``test`` for an evaluation set), counted overall and per source.
     """
     per_reason = Counter(r.reason for r in rejects)
-    split_counts = Counter(r.split for r in kept)
+    split_counts = Counter()
+    for (_, split), n in kept.items():
+        split_counts[split] += n
     seen = sum(col.seen.values())
     defects = sum(n for reason, n in per_reason.items() if reason not in NOT_DEFECTS)
     per_source = {}
     for name in sources:
-        mine = Counter(r.split for r in kept if r.source == name)
         per_source[name] = {
-            "seen": col.seen[name], **{split: mine[split] for split in splits},
+            "seen": col.seen[name], **{split: kept[(name, split)] for split in splits},
             "quarantined": sum(1 for r in rejects if r.source == name),
         }
     return {
@@ -68,16 +82,18 @@ def metrics(c: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def write_preview(
-    path: Path, records: list[SampleRecord], spill: SpillFile, caption_fields: tuple[str, ...], n: int = 16
-) -> None:
-    """A contact sheet of up to ``n`` samples (spread over the sources) with their first captions
-    (their labels when there are no caption fields)."""
-    by_source: dict[str, list[SampleRecord]] = {}
-    for r in records:
-        by_source.setdefault(r.source, []).append(r)
-    per = math.ceil(n / max(1, len(by_source)))
-    chosen = [r for group in by_source.values() for r in group[:per]][:n]
+def preview_rows(sources: Sequence[int], n: int = PREVIEW_SAMPLES) -> list[int]:
+    """Which of the kept samples (given by their sources, in order) the preview shows: up to ``n``,
+    spread over the sources in order of their first sample, each source's first ones."""
+    column = np.asarray(sources)
+    firsts = sorted(np.unique(column, return_index=True)[1].tolist())
+    per = math.ceil(n / max(1, len(firsts)))
+    return [r for first in firsts for r in np.flatnonzero(column == column[first])[:per].tolist()][:n]
+
+
+def write_preview(path: Path, chosen: list[tuple[SampleRecord, bytes]], caption_fields: tuple[str, ...]) -> None:
+    """A contact sheet of the :func:`preview_rows` samples (``(record, jpg bytes)``) with their
+    first captions (their labels when there are no caption fields)."""
     if not chosen:
         return
     tile, text_h, cols = 128, 56, 4
@@ -88,9 +104,9 @@ def write_preview(
         font = ImageFont.truetype(_FONT, 9)
     except OSError:
         font = ImageFont.load_default()
-    for i, r in enumerate(chosen):
+    for i, (r, jpg) in enumerate(chosen):
         x, y = (i % cols) * tile, (i // cols) * (tile + text_h)
-        im = Image.open(io.BytesIO(spill.get(r.offset, r.length))).convert("RGB")
+        im = Image.open(io.BytesIO(jpg)).convert("RGB")
         im.thumbnail((tile, tile))
         sheet.paste(im, (x + (tile - im.width) // 2, y + (tile - im.height) // 2))
         text = f"[{r.split}] {r.captions[caption_fields[0]][0] if caption_fields else r.label}"
@@ -103,17 +119,14 @@ def write_preview(
 
 def manifest(
     cfg: PrepareDataConfig, common: CommonConfig, c: dict[str, Any], shards: dict[str, list],
-    kept: list[SampleRecord], report: QualityReport,
+    labels: dict[str, set[str]], report: QualityReport,
 ) -> dict[str, Any]:
-    """The ``manifest.json`` content (deterministic: no timestamps).
+    """The ``manifest.json`` content (deterministic: no timestamps, nothing of how many workers ran).
 
-    An evaluation set (``cfg.eval_set``) records its name as ``eval_set`` and has only ``test``
-    shards; training data has no ``eval_set`` field.
+    ``labels``: each source's labels among the kept samples. An evaluation set (``cfg.eval_set``)
+    records its name as ``eval_set`` and has only ``test`` shards; training data has no
+    ``eval_set`` field.
     """
-    labels: dict[str, set[str]] = {}
-    for r in kept:
-        if r.label is not None:
-            labels.setdefault(r.source, set()).add(r.label)
     splits = run_splits(cfg.eval_set)
     split = ({"eval_set": cfg.eval_set, "rule": f"an evaluation set: every kept sample is in {EVAL_SPLIT}"}
              if cfg.eval_set else
@@ -122,7 +135,7 @@ def manifest(
     body = {
         "stage": STAGE,
         "format_version": FORMAT_VERSION,
-        "config_hash": config_hash(common, cfg),
+        "config_hash": output_hash(common, cfg),
         "caption_fields": list(common.caption_fields),
         "counts": c,
         "shards": {s: shards.get(s, []) for s in splits},

@@ -63,18 +63,25 @@ class ShardWriter:
     def __exit__(self, *exc: Any) -> bool | None:
         return self._stack.__exit__(*exc)
 
-    def _add(self, name: str, data: bytes) -> None:
+    def _add(self, name: str, data: bytes) -> int:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         self._tar.addfile(info, io.BytesIO(data))
+        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        return self._tar.offset - padded  # where the data starts: after the header(s), before the padding
 
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        """Add one sample: ``members`` maps extension (``jpg``, ``json``) -> bytes."""
-        for ext in sorted(members):
-            self._add(f"{key}.{ext}", members[ext])
+    def write(self, key: str, members: dict[str, bytes]) -> dict[str, tuple[int, int]]:
+        """Add one sample: ``members`` maps extension (``jpg``, ``json``) -> bytes.
+
+        Returns:
+            ``{extension: (offset, length)}``: where each member's bytes are in the tar file (so a
+            reader can fetch one sample by a byte range, as prepare_data's pass 2 does).
+        """
+        where = {ext: (self._add(f"{key}.{ext}", members[ext]), len(members[ext])) for ext in sorted(members)}
         self.count += 1
+        return where
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:

@@ -24,6 +24,7 @@ from typing import Any
 from llm2clip.config import (
     CaptionTableSource,
     CommonConfig,
+    DvcSource,
     EmojiSource,
     ImageNetSource,
     KarpathySource,
@@ -47,6 +48,9 @@ class SourceReader:
     """A source ready to iterate: its samples, the expected count (for progress) or None.
 
     ``skipped`` says why a source yields nothing at all on this machine (e.g. no emoji font).
+    ``lineage`` says what was read when the config alone does not (a ``dvc`` source: repo, rev and
+    the git commit it resolved to), for the prepare_data manifest; ``pinned`` is then the source
+    that reads exactly that (the commit as its rev), for a worker or a rerun to read.
     """
 
     name: str
@@ -54,6 +58,8 @@ class SourceReader:
     samples: Iterator[RawSample]
     total: int | None
     skipped: str | None = None
+    lineage: dict[str, str] = field(default_factory=dict)
+    pinned: Source | None = None
 
 
 def check_caption_mapping(sources: tuple[Source, ...], caption_fields: tuple[str, ...]) -> None:
@@ -183,6 +189,12 @@ def _open_caption_table(src: CaptionTableSource, common: CommonConfig) -> Source
     return SourceReader(src.name, src.kind, *open_caption_table(src, common.s3_endpoint_url))
 
 
+def _open_dvc(src: DvcSource, common: CommonConfig) -> SourceReader:
+    from llm2clip.data.dvc_source import open_dvc  # imports dvc, lazily
+
+    return open_dvc(src, common)
+
+
 # Source kind (the ``kind`` of a ``prepare_data.sources`` entry, see ``llm2clip.config.Source``)
 # -> its reader. A new kind: its config dataclass in the ``Source`` union, a reader here. The
 # benchmark kinds (public evaluation sets in their own layouts) live in llm2clip.data.benchmarks.
@@ -195,6 +207,7 @@ SOURCE_READERS: dict[str, Callable[[Any, CommonConfig], SourceReader]] = {
     "long_caption": _open_long_caption,
     "imagenet": _open_imagenet,
     "caption_table": _open_caption_table,
+    "dvc": _open_dvc,
 }
 
 

@@ -69,7 +69,21 @@ def _device(cfg: EmbedCaptionsConfig) -> tuple[str, str]:
         raise StageError(f"embed_captions.precision: {err}") from err
 
 
-def _options(cfg: EmbedCaptionsConfig, common: CommonConfig, source: str, out: Path, identity: dict):
+def _workers(cfg: EmbedCaptionsConfig, device: str) -> tuple[int, int]:
+    """``(worker processes, visible GPUs)``: ``num_workers``, or for 0 (auto) one per GPU this
+    process sees (``CUDA_VISIBLE_DEVICES`` honoured) on CUDA and one on CPU."""
+    import torch
+
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    workers = embed.resolve_workers(cfg.num_workers, device, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if gpus and workers > gpus:
+        log.warning("embed_captions: %d workers on %d GPUs (embed_captions.num_workers asks for it): "
+                    "GPUs run %d workers each, round robin", workers, gpus, -(-workers // gpus))
+    return workers, gpus
+
+
+def _options(cfg: EmbedCaptionsConfig, common: CommonConfig, source: str, out: Path, identity: dict,
+             workers: int):
     device, precision = _device(cfg)
     cores = len(os.sched_getaffinity(0))
     return embed.EmbedOptions(
@@ -77,7 +91,7 @@ def _options(cfg: EmbedCaptionsConfig, common: CommonConfig, source: str, out: P
         dtype=cfg.dtype, normalize=cfg.normalize,
         max_tokens=cfg.max_tokens or (16384 if device == "cuda" else 1024),
         max_batch_size=cfg.max_batch_size, device=device, precision=precision,
-        threads=cfg.threads or max(1, cores // cfg.num_workers), endpoint_url=common.s3_endpoint_url,
+        threads=cfg.threads or max(1, cores // workers), endpoint_url=common.s3_endpoint_url,
         max_length=cfg.max_length,
     )
 
@@ -178,7 +192,8 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
         tracker.set_tags({"llm2clip.encoder_fingerprint": fingerprint})
         with output_dir(embeddings, endpoint) as out:
             sidecars.clean_output(out, {s["name"] for shards in manifest["shards"].values() for s in shards})
-            opts = _options(cfg, common, source, out, identity)
+            workers, gpus = _workers(cfg, _device(cfg)[0])
+            opts = _options(cfg, common, source, out, identity, workers)
             jobs, kept = embed.plan_jobs(out, data, manifest, identity)
             zs = _zeroshot_sets(cfg, data, manifest, endpoint)
             prompts = [p for _, names, tpl in zs for row in build_prompts(names, tpl) for p in row]
@@ -187,8 +202,8 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
             log.info("embed_captions: %d sidecars to make, %d kept from an earlier run", len(jobs), len(kept))
             started = time.monotonic()
             with tqdm(total=total, desc="embed_captions", unit="caption", dynamic_ncols=True) as bar:
-                made, prompt_vectors = embed.run_jobs(jobs, opts, num_workers=cfg.num_workers, texts=prompts,
-                                                      on_batch=lambda c, t: bar.update(c))
+                made, prompt_vectors = embed.run_jobs(jobs, opts, num_workers=workers, texts=prompts,
+                                                      on_batch=lambda c, t: bar.update(c), gpus=gpus)
                 bar.total = bar.n
             seconds = time.monotonic() - started
             zeroshot = _write_zeroshot(out, zs, prompt_vectors, cfg, identity)
@@ -197,7 +212,7 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
                 body["eval_set"] = manifest["eval_set"]
             body = write_manifest(STAGE, out, body)  # last: the commit mark
             tracker.log_artifact(out / "manifest.json")
-        metrics = _metrics(made, kept, seconds, len(prompts))
+        metrics = {**_metrics(made, kept, seconds, len(prompts)), "workers": workers}
         tracker.log_metrics(metrics)
     _log_summary(body, metrics, str(embeddings))
     truncation = body["stats"]["truncation"]

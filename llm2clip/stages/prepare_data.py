@@ -4,22 +4,34 @@ Writes into ``data`` (local or ``s3://``): ``{train,val}-NNNNNN.tar`` shards (an
 ``prepare_data.eval_set``: ``test-NNNNNN.tar`` only), ``quarantine.jsonl``, ``validation/``
 (great-expectations result + Data Docs + preview) and, last, ``manifest.json``.
 The logic lives in :mod:`llm2clip.data`; this module only orders the steps.
+
+What runs where: ``prepare_data.workers`` processes (:mod:`llm2clip.data.pool`; this process
+itself for one worker, and for a small run with ``workers: 0``) validate and re-encode the
+sources group by group (pass 1, :mod:`llm2clip.data.groups`) into intermediate files under
+``data/.groups/``, and later write the output shards (pass 2). This process plans the groups,
+merges their outcomes in order, dedupes, splits, runs the great-expectations gate and writes the
+manifest (:mod:`llm2clip.data.collect`, :mod:`llm2clip.data.report`). The output is
+byte-identical for any worker count. After a crash, a rerun reuses the groups that finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llm2clip import tracking
-from llm2clip.config import CommonConfig, PrepareDataConfig, config_hash
+from llm2clip.config import CommonConfig, PrepareDataConfig
 from llm2clip.contracts import write_manifest
-from llm2clip.data import collect, quality, report
+from llm2clip.data import collect, groups, pool, quality, report
 from llm2clip.data.shards import invalidate, run_splits
-from llm2clip.data.sources import check_caption_mapping, open_source
+from llm2clip.data.sources import check_caption_mapping
 from llm2clip.io import output_dir
 
 log = logging.getLogger(__name__)
@@ -58,39 +70,85 @@ def run(
     start = time.monotonic()
     fields, names = common.caption_fields, [s.name for s in cfg.sources]
     check_caption_mapping(cfg.sources, fields)
+    store = groups.groups_store(data, common.s3_endpoint_url)
+    details = collect.Details(store)
     with tracking.stage_run(
         "prepare_data", cfg, common, inputs={}, pipeline_run_id=pipeline_run_id
     ) as tracker:
         invalidate(data, common.s3_endpoint_url)
-        with output_dir(data, common.s3_endpoint_url) as out, collect.SpillFile() as spill:
-            # pass 1: validate every sample; then drop exact duplicates and assign splits
-            found = collect.collect((open_source(s, common) for s in cfg.sources), cfg, common, spill)
-            kept, duplicates = (found.records, []) if cfg.eval_set else collect.dedupe(found.records)
+        plan = groups.plan_groups(cfg, common)
+        workers = groups.workers_for(plan, cfg.workers)
+        window = 2 * workers if workers > 1 else 1  # jobs in flight: results the parent may hold at once
+        with _executor(workers) as executor, output_dir(data, common.s3_endpoint_url) as out:
+            # pass 1 (workers): validate every sample, group by group; then, from the kept rows
+            # alone, drop exact duplicates and assign splits
+            found = _pass1(plan, cfg, common, executor, window, store, details)
+            kept, duplicates = (found.table, []) if cfg.eval_set else collect.dedupe(found.table)
             shared = collect.assign_splits(kept, cfg.val_fraction, cfg.eval_set)
-            rejects = found.rejects + duplicates
-            counts = report.counts(found, kept, rejects, names, shared, run_splits(cfg.eval_set))
+            rejects = found.rejects + collect.duplicate_rejections(duplicates, found.table, details)
+            counts = report.counts(found, kept.split_counts(), rejects, names, shared, run_splits(cfg.eval_set))
             collect.write_quarantine(out / "quarantine.jsonl", rejects)
 
             # the table-level gate, reported before anything is judged
             validation = out / "validation"
-            report.write_preview(validation / report.PREVIEW_FILE, kept, spill, fields)
-            table = quality.sample_table(kept, fields)
-            checked = quality.run_expectations(table, cfg, fields, names, validation)
+            checked, labels = _expectations(cfg, fields, kept, details, validation)
             tracker.log_metrics(report.metrics(counts))
             tracker.log_artifact(validation, "validation")
             tracker.log_artifact(out / "quarantine.jsonl")
             quality.check_gate(counts, checked, cfg, str(data))
 
-            # pass 2: shards, then the manifest as the commit mark
-            shards = collect.write_shards(out, kept, spill, cfg, common)
-            manifest = report.manifest(cfg, common, counts, shards, kept, checked)
+            # pass 2 (workers): the shards; then the intermediate files go and the manifest,
+            # the commit mark, comes last
+            output = groups.Store(str(data), common.s3_endpoint_url)
+            shards = collect.write_shards(executor, window, kept, cfg, common, store, output)
+            store.remove()
+            manifest = report.manifest(cfg, common, counts, shards, labels, checked)
+            if plan.lineage:  # what a versioned source (kind dvc) read: repo, rev, the commit, path
+                manifest["lineage"] = plan.lineage
             write_manifest("prepare_data", out, manifest)
             tracker.log_artifact(out / "manifest.json")
         n_shards = sum(len(v) for v in shards.values())
-        tracker.log_metrics({"shards": n_shards, "seconds": time.monotonic() - start})
+        tracker.log_metrics({"shards": n_shards, "workers": workers, "seconds": time.monotonic() - start})
         report.log_summary(manifest, str(data))
     return PrepareDataResult(
         data=str(data), train=counts.get("train", 0), val=counts.get("val", 0), test=counts.get("test", 0),
         quarantined=counts["quarantined"],
-        seen=counts["seen"], shards=n_shards, config_hash=config_hash(common, cfg),
+        seen=counts["seen"], shards=n_shards, config_hash=report.output_hash(common, cfg),
     )
+
+
+def _expectations(
+    cfg: PrepareDataConfig, fields: tuple[str, ...], kept: collect.KeptTable, details: collect.Details,
+    validation: Path,
+) -> tuple[quality.QualityReport, dict[str, set[str]]]:
+    """The preview and the great-expectations suite over the kept samples (read back from the
+    group files); returns the suite's outcome and each source's labels."""
+    chosen = [(details.record(kept, r), details.jpg(kept, r)) for r in report.preview_rows(kept.source)]
+    report.write_preview(validation / report.PREVIEW_FILE, chosen, fields)
+    labels: dict[str, set[str]] = {}
+    table = quality.sample_table(collect.kept_records(kept, details, labels), fields)
+    names = [s.name for s in cfg.sources]
+    return quality.run_expectations(table, cfg, fields, names, validation), labels
+
+
+@contextlib.contextmanager
+def _executor(workers: int) -> Iterator[Executor]:
+    """The worker pool of one run; on an error, jobs not started yet are cancelled."""
+    executor = pool.make_executor(workers)
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _pass1(
+    plan: groups.Plan, cfg: PrepareDataConfig, common: CommonConfig, executor: Executor, window: int,
+    store: groups.Store, details: collect.Details,
+) -> collect.Collection:
+    """Run the planned groups in the workers, merge their outcomes in group order."""
+    if not isinstance(executor, pool.InlineExecutor):
+        groups.forget_manifests()  # the workers parse their own
+    jobs = (groups.GroupJob(group, plan.sources[group.source], cfg, common, store) for group in plan.groups)
+    found = collect.collect(plan, pool.ordered_map(executor, groups.run_group, jobs, window), cfg, details)
+    groups.forget_manifests()
+    return found

@@ -9,8 +9,10 @@ Why it is faster than ``CaptionEncoder.encode`` with a fixed batch size:
 - **inference_mode**, no graph, and duplicate captions embedded once;
 - **packed tokens** for Llama-family encoders (:mod:`llm2clip.text.packed`): no GEMM computes a
   padded position, q/k/v and gate/up run as one GEMM each, residual adds run inside the GEMMs;
-- **per-shard work in processes**: :func:`run_jobs` spreads image shards over ``num_workers``
-  spawned processes, each with ``cores // num_workers`` torch threads (or its own GPU).
+- **per-shard work in processes**: :func:`run_jobs` splits the image shards over worker
+  processes, deterministically (:func:`assign_work`): by default one per visible GPU, each on its
+  own ``cuda:w`` (:func:`worker_slots`); on CPU ``num_workers`` processes with
+  ``cores // num_workers`` torch threads each.
 
 Vectors do not depend on how captions are batched: positions count from each caption's first
 real token and padded keys are masked (see :mod:`llm2clip.text.encoder`).
@@ -220,7 +222,7 @@ class EmbedOptions:
         dtype: Stored dtype (``float16`` / ``float32``).
         normalize: L2-normalise before storing.
         max_tokens, max_batch_size: Batching (see :func:`plan_batches`).
-        device: ``cpu`` or ``cuda``; workers take ``cuda:<worker % gpus>``.
+        device: ``cpu`` or ``cuda``; worker ``w`` takes ``cuda:w`` (:func:`worker_slots`).
         precision: ``fp32`` or ``bf16`` model weights.
         threads: Torch threads per process.
         endpoint_url: S3 endpoint for ``s3://`` image shards.
@@ -253,13 +255,11 @@ class ShardJob:
     count: int
 
 
-def load_encoder(opts: EmbedOptions, worker: int = 0) -> CaptionEncoder:
-    """The encoder on this worker's device, in the configured precision, ready for inference."""
-    device = opts.device
-    if device == "cuda":
-        device = f"cuda:{worker % max(1, torch.cuda.device_count())}"
+def load_encoder(opts: EmbedOptions, device: str | None = None) -> CaptionEncoder:
+    """The encoder on ``device`` (default ``opts.device``), in the configured precision, ready for
+    inference (packed where the model allows it)."""
     dtype = torch_dtype(opts.precision)
-    encoder = CaptionEncoder.from_pretrained(opts.encoder, dtype=dtype, device=device,
+    encoder = CaptionEncoder.from_pretrained(opts.encoder, dtype=dtype, device=device or opts.device,
                                              max_length=opts.max_length or None).eval()
     encoder.enable_packed_inference()
     return encoder
@@ -313,94 +313,262 @@ def embed_shard(encoder: CaptionEncoder, job: ShardJob, opts: EmbedOptions,
 
 # ------------------------------------------------------------------------------- workers
 
-_WORKER: dict[str, Any] = {}
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """One embedding worker process.
+
+    Attributes:
+        index: Worker number ``w`` (0, 1, ...).
+        device: The torch device it loads the encoder on: ``cuda:<w>`` (one GPU per worker) or
+            ``cpu``.
+        gpu: That GPU as the machine names it: the ``w``-th entry of ``CUDA_VISIBLE_DEVICES``
+            (an index or a UUID), else ``w``; ``""`` on CPU.
+    """
+
+    index: int
+    device: str
+    gpu: str = ""
+
+    def describe(self) -> str:
+        return self.device if not self.gpu or self.gpu == self.device.removeprefix("cuda:") else \
+            f"{self.device} (GPU {self.gpu})"
 
 
-def _init_worker(opts: EmbedOptions, queue: Any, counter: Any) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # torch threads own the cores
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    torch.set_num_threads(opts.threads)
-    _WORKER.update(opts=opts, queue=queue, encoder=load_encoder(opts, index))
+def resolve_workers(num_workers: int, device: str, gpus: int, cuda_visible_devices: str | None = None) -> int:
+    """How many worker processes embed_captions runs.
+
+    Args:
+        num_workers: ``embed_captions.num_workers``; 0 = auto.
+        device: The resolved device, ``cpu`` or ``cuda``.
+        gpus: CUDA devices this process sees: ``torch.cuda.device_count()``, which counts only
+            the ones ``CUDA_VISIBLE_DEVICES`` lets through (0 on CPU).
+        cuda_visible_devices: The ``CUDA_VISIBLE_DEVICES`` value (None: unset), for the message.
+
+    Returns:
+        ``num_workers`` when set; auto: one per visible GPU on CUDA, 1 on CPU (one process whose
+        torch threads use every core, as before auto existed).
+
+    Raises:
+        StageError: CUDA asked for but no CUDA device visible.
+    """
+    if num_workers < 0:
+        raise StageError(f"embed_captions.num_workers: must be >= 0 (0 = auto), got {num_workers}")
+    if device.startswith("cuda") and gpus < 1:
+        visible = "<unset>" if cuda_visible_devices is None else cuda_visible_devices
+        raise StageError(f"embed_captions.device is cuda but this process sees no CUDA device "
+                         f"(CUDA_VISIBLE_DEVICES={visible}); set embed_captions.device: cpu or run on a GPU node")
+    if num_workers:
+        return num_workers
+    return gpus if device.startswith("cuda") else 1
 
 
-def _worker_shard(job: ShardJob) -> dict[str, Any]:
-    queue = _WORKER["queue"]
-    return embed_shard(_WORKER["encoder"], job, _WORKER["opts"], lambda c, t: queue.put((c, t)))
+def worker_slots(workers: int, device: str, gpus: int, cuda_visible_devices: str | None = None,
+                 ) -> list[WorkerSlot]:
+    """The device of every worker: worker ``w`` takes ``cuda:w``, one process per GPU.
+
+    Only when more workers than visible GPUs are asked for (``num_workers`` set explicitly)
+    do GPUs take several workers, round robin: worker ``w`` on ``cuda:(w % gpus)``. On CPU every
+    worker is ``cpu`` (they share the cores: ``threads`` each).
+
+    Args:
+        workers: Worker processes (:func:`resolve_workers`).
+        device: ``cpu`` or ``cuda``.
+        gpus: Visible CUDA devices (``torch.cuda.device_count()``).
+        cuda_visible_devices: The ``CUDA_VISIBLE_DEVICES`` value (None: unset), only to name the
+            physical GPU behind each ``cuda:w`` in logs: ``cuda:w`` is its ``w``-th entry.
+
+    Returns:
+        ``workers`` slots, in worker order.
+    """
+    if not device.startswith("cuda"):
+        return [WorkerSlot(w, "cpu") for w in range(workers)]
+    if gpus < 1:
+        raise StageError("embed_captions.device is cuda but this process sees no CUDA device")
+    names = [e.strip() for e in cuda_visible_devices.split(",")] if cuda_visible_devices else []
+    slots = []
+    for w in range(workers):
+        local = w % gpus
+        slots.append(WorkerSlot(w, f"cuda:{local}", names[local] if local < len(names) else str(local)))
+    return slots
 
 
-def _worker_texts(texts: list[str]) -> np.ndarray:
-    opts, queue = _WORKER["opts"], _WORKER["queue"]
-    return embed_texts(_WORKER["encoder"], texts, max_tokens=opts.max_tokens,
-                       max_batch_size=opts.max_batch_size, normalize=opts.normalize,
-                       on_batch=lambda c, t: queue.put((c, t))).numpy()
+def assign_work(counts: Sequence[int], workers: int, texts: int = 0, fields: int = 1,
+                ) -> list[tuple[list[int], bool]]:
+    """Which worker embeds which shards: a pure function of the shard sizes and the worker count.
+
+    Items are the shards (cost ``count x fields``: one caption per field and sample, the same
+    estimate the progress bar starts from) and, when ``texts`` > 0, the extra texts as one more
+    item (cost ``texts``). Longest processing time first: items in order of decreasing cost
+    (ties: shards in job order, the texts after them), each to the worker with the least cost so
+    far (ties: the lowest worker number). Equal shards therefore go round robin 0, 1, 2, ...
+    Every worker runs its shards in the order given. The vectors do not depend on it: each shard
+    is embedded on its own (:func:`embed_shard`).
+
+    Args:
+        counts: Samples per shard, in job order.
+        workers: Worker processes (>= 1).
+        texts: Number of extra texts (zero-shot prompts), 0 = none.
+        fields: Caption fields per sample.
+
+    Returns:
+        Per worker: ``(indices into counts, whether it embeds the extra texts)``.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    items = [(count * max(1, fields), i) for i, count in enumerate(counts)]
+    if texts:
+        items.append((texts, len(counts)))  # index len(counts) = the texts
+    items.sort(key=lambda item: (-item[0], item[1]))
+    load = [0] * workers
+    parts: list[tuple[list[int], bool]] = [([], False) for _ in range(workers)]
+    for cost, i in items:
+        w = min(range(workers), key=lambda k: (load[k], k))
+        load[w] += cost
+        if i == len(counts):
+            parts[w] = (parts[w][0], True)
+        else:
+            parts[w][0].append(i)
+    return parts
 
 
-def _in_process(jobs: list[ShardJob], opts: EmbedOptions, texts: list[str], on_batch: OnBatch | None):
+def _embed_extra(encoder: CaptionEncoder, texts: list[str], opts: EmbedOptions,
+                 on_batch: OnBatch | None) -> np.ndarray:
+    return embed_texts(encoder, texts, max_tokens=opts.max_tokens, max_batch_size=opts.max_batch_size,
+                       normalize=opts.normalize, on_batch=on_batch).numpy()
+
+
+def _in_process(jobs: list[ShardJob], opts: EmbedOptions, texts: list[str], slot: WorkerSlot,
+                on_batch: OnBatch | None):
     threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
     try:
-        encoder = load_encoder(opts)
+        encoder = load_encoder(opts, slot.device)
         markers = [embed_shard(encoder, job, opts, on_batch) for job in jobs]
-        extra = embed_texts(encoder, texts, max_tokens=opts.max_tokens, max_batch_size=opts.max_batch_size,
-                            normalize=opts.normalize, on_batch=on_batch).numpy() if texts else None
-        return markers, extra
+        return markers, _embed_extra(encoder, texts, opts, on_batch) if texts else None
     finally:
         torch.set_num_threads(threads)  # the caller's process keeps its own setting
 
 
-def _drain(queue: Any, on_batch: OnBatch | None) -> None:
+def _sendable(err: BaseException, slot: WorkerSlot) -> BaseException:
+    """``err`` if it survives pickling (StageError does), else a StageError that names it."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001 - any exception that cannot cross the process boundary
+        return StageError(f"embedding worker {slot.index} ({slot.describe()}): {type(err).__name__}: {err}")
+
+
+def _worker_main(slot: WorkerSlot, jobs: list[ShardJob], texts: list[str], opts: EmbedOptions,
+                 queue: Any) -> None:
+    """One worker process: load the encoder on ``slot.device``, embed ``jobs`` then ``texts``.
+
+    Messages on ``queue``: ``(kind, worker, payload)`` with kind ``batch`` (captions, tokens),
+    ``shard`` (a done-marker), ``texts`` (the extra vectors), ``done`` or ``error``.
+    """
+    import traceback
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # torch threads own the cores
+    try:
+        torch.set_num_threads(opts.threads)
+        if slot.device.startswith("cuda"):
+            torch.cuda.set_device(slot.device)  # nothing lands on another worker's GPU
+
+        def report(captions: int, tokens: int) -> None:
+            queue.put(("batch", slot.index, (captions, tokens)))
+
+        encoder = load_encoder(opts, slot.device)
+        for job in jobs:
+            queue.put(("shard", slot.index, embed_shard(encoder, job, opts, report)))
+        if texts:
+            queue.put(("texts", slot.index, _embed_extra(encoder, texts, opts, report)))
+        queue.put(("done", slot.index, None))
+    except BaseException as err:  # noqa: BLE001 - the parent re-raises it
+        queue.put(("error", slot.index, (_sendable(err, slot), traceback.format_exc())))
+
+
+def _in_workers(parts: list[tuple[list[int], bool]], slots: list[WorkerSlot], jobs: list[ShardJob],
+                texts: list[str], opts: EmbedOptions, on_batch: OnBatch | None):
+    """Run one spawned process per slot on its share of the work; collect markers and vectors.
+
+    Raises:
+        The first worker's exception (the others are stopped), or StageError when a worker
+        died without one (killed: out of memory, a signal).
+    """
+    import multiprocessing
     import queue as queue_module
 
-    while True:
-        try:
-            captions, tokens = queue.get_nowait()
-        except queue_module.Empty:
-            return
-        if on_batch is not None:
-            on_batch(captions, tokens)
-
-
-def _in_pool(jobs: list[ShardJob], opts: EmbedOptions, texts: list[str], workers: int,
-             on_batch: OnBatch | None):
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
     ctx = multiprocessing.get_context("spawn")  # no fork after torch has started its threads
-    queue, counter = ctx.Queue(), ctx.Value("i", 0)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(opts, queue, counter)) as pool:
-        # longest shards first, so the last one to finish is a short one
-        futures = [pool.submit(_worker_shard, j) for j in sorted(jobs, key=lambda j: -j.count)]
-        extra = pool.submit(_worker_texts, texts) if texts else None
-        pending = set(futures) | ({extra} if extra else set())
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            _drain(queue, on_batch)
-            failed = [f.exception() for f in done if f.exception() is not None]
-            if failed:
-                pool.shutdown(cancel_futures=True)
-                if isinstance(failed[0], BrokenProcessPool):
-                    raise StageError(f"an embedding worker died ({failed[0]}); out of memory? "
-                                     "lower embed_captions.num_workers or max_tokens") from failed[0]
-                raise failed[0]
-        _drain(queue, on_batch)
-        return [f.result() for f in futures], extra.result() if extra else None
+    messages = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, name=f"embed-worker-{slot.index}", daemon=True,
+                         args=(slot, [jobs[i] for i in idx], texts if with_texts else [], opts, messages))
+             for slot, (idx, with_texts) in zip(slots, parts, strict=True)]
+    markers: list[dict[str, Any]] = []
+    extra, finished, ok = None, set(), False
+    try:
+        for proc in procs:
+            proc.start()
+        while len(finished) < len(procs):
+            try:
+                kind, w, payload = messages.get(timeout=0.5)
+            except queue_module.Empty:
+                dead = [w for w, p in enumerate(procs) if w not in finished and p.exitcode is not None]
+                if dead and messages.empty():  # a worker puts its last message before it exits
+                    w = dead[0]
+                    raise StageError(
+                        f"embedding worker {w} ({slots[w].describe()}) died with exit code "
+                        f"{procs[w].exitcode}; out of memory? lower embed_captions.num_workers or max_tokens"
+                    ) from None
+                continue
+            if kind == "batch":
+                if on_batch is not None:
+                    on_batch(*payload)
+            elif kind == "shard":
+                markers.append(payload)
+            elif kind == "texts":
+                extra = payload
+            elif kind == "done":
+                finished.add(w)
+            else:  # error
+                err, trace = payload
+                if not isinstance(err, StageError):
+                    log.error("embedding worker %d (%s) failed:\n%s", w, slots[w].describe(), trace)
+                raise err
+        ok = True
+        return markers, extra
+    finally:
+        started = [proc for proc in procs if proc.pid is not None]
+        for proc in started:  # finished workers exit on their own; after a failure nobody waits
+            if ok:
+                proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+        for proc in started:
+            proc.join(timeout=30)
+        messages.close()
 
 
 def run_jobs(jobs: Sequence[ShardJob], opts: EmbedOptions, *, num_workers: int = 1,
-             texts: Sequence[str] = (), on_batch: OnBatch | None = None,
+             texts: Sequence[str] = (), on_batch: OnBatch | None = None, gpus: int | None = None,
              ) -> tuple[list[dict[str, Any]], np.ndarray | None]:
-    """Embed shards (and optionally a list of extra texts) in this process or in a pool.
+    """Embed shards (and optionally a list of extra texts) in this process or in worker processes.
+
+    Workers: :func:`resolve_workers` (0 = one per visible GPU on CUDA, 1 on CPU), at most one per
+    item of work; worker ``w`` runs on :func:`worker_slots`' device (``cuda:w``) and embeds the
+    shards :func:`assign_work` gives it. One worker runs in this process (no spawn cost). The
+    sidecars, markers and vectors are the same for any worker count (with the same
+    ``opts.threads``: on CPU the thread count decides the float summation order).
 
     Args:
         jobs: Image shards to embed; each gets a sidecar + done-marker in ``opts.out``.
         opts: Encoder, batching, storage and device settings.
-        num_workers: Processes; 1 = this process (no spawn cost).
+        num_workers: Processes; 0 = auto.
         texts: Extra captions (e.g. zero-shot prompts) embedded by the same encoder.
         on_batch: Progress callback (captions, tokens), called in this process.
+        gpus: Visible CUDA devices; None = ``torch.cuda.device_count()`` (when ``opts.device``
+            is CUDA).
 
     Returns:
         ``(done-markers in job order, (len(texts), D) float32 array or None)``.
@@ -408,10 +576,19 @@ def run_jobs(jobs: Sequence[ShardJob], opts: EmbedOptions, *, num_workers: int =
     jobs, texts = list(jobs), list(texts)
     if not jobs and not texts:
         return [], None  # everything was kept: do not even load the encoder
-    workers = min(num_workers, len(jobs) + bool(texts))
+    cuda = opts.device.startswith("cuda")
+    if gpus is None:
+        gpus = torch.cuda.device_count() if cuda else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    workers = min(resolve_workers(num_workers, opts.device, gpus, visible), len(jobs) + bool(texts))
+    slots = worker_slots(workers, opts.device, gpus, visible)
+    parts = assign_work([j.count for j in jobs], workers, len(texts), len(opts.caption_fields))
+    for slot, (idx, with_texts) in zip(slots, parts, strict=True):
+        log.info("embed worker %d on %s: %d shards (%d samples)%s", slot.index, slot.describe(), len(idx),
+                 sum(jobs[i].count for i in idx), f" + {len(texts)} texts" if with_texts else "")
     if workers <= 1:
-        return _in_process(jobs, opts, texts, on_batch)
-    markers, extra = _in_pool(jobs, opts, texts, workers, on_batch)
+        return _in_process(jobs, opts, texts, slots[0], on_batch)
+    markers, extra = _in_workers(parts, slots, jobs, texts, opts, on_batch)
     order = {j.name: i for i, j in enumerate(jobs)}
     return sorted(markers, key=lambda m: order[m["image_shard"]]), extra
 

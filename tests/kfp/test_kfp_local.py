@@ -79,12 +79,14 @@ def test_tasks_are_tagged_with_the_local_pipeline_run_id(local_run):
     pod's pipeline/runid label does); it is no task parameter, so it never enters a cache key."""
     from mlflow.tracking import MlflowClient
 
-    _, uri, _, _ = local_run
+    _, uri, _, params = local_run
     client = MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = [r for r in client.search_runs(experiments, filter_string="tags.`llm2clip.stage` != 'pipeline'")
             if "llm2clip.pipeline_run_id" in r.data.tags]  # not the CLI run of the test above
-    assert sorted(r.data.tags["llm2clip.stage"] for r in runs) == sorted(STAGES)
+    eval_sets = len(yaml.safe_load(params.read_text())["eval_data"])  # each: prepare_data + embed_captions
+    expected = [*STAGES, *["prepare_data", "embed_captions"] * eval_sets]
+    assert sorted(r.data.tags["llm2clip.stage"] for r in runs) == sorted(expected)
     run_ids = {r.data.tags["llm2clip.pipeline_run_id"] for r in runs}
     assert len(run_ids) == 1
     (run_id,) = run_ids

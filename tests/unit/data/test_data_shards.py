@@ -8,9 +8,7 @@ import tarfile
 
 import pytest
 
-from llm2clip.data import records as R
-from llm2clip.data.collect import SpillFile, assign_splits, dedupe, split_of
-from llm2clip.data.records import SampleRecord
+from llm2clip.data.collect import split_of
 from llm2clip.data.shards import (
     ShardWriter,
     encode_meta,
@@ -21,22 +19,6 @@ from llm2clip.data.shards import (
     verify_shards,
 )
 from llm2clip.io import StageError, atomic_write_json
-
-
-def record(key: str, pixels: str, captions: str = "c") -> SampleRecord:
-    return SampleRecord(
-        key=key,
-        source="s",
-        source_id=key,
-        label=None,
-        captions={"short": [captions]},
-        width=8,
-        height=8,
-        orig_width=8,
-        orig_height=8,
-        pixel_hash=pixels,
-        caption_hash=captions,
-    )
 
 
 def keys_with_splits(n: int, fraction: float) -> tuple[list[str], list[str]]:
@@ -50,36 +32,6 @@ def test_split_by_key_hash_is_stable_and_close_to_the_fraction():
     train, val = keys_with_splits(2000, 0.2)
     assert 0.17 < len(val) / 2000 < 0.23
     assert split_of(val[0], 0.2) == "val" and split_of(val[0], 0.0) == "train"
-
-
-def test_copies_of_one_image_follow_the_smallest_key_so_val_never_leaks():
-    train, val = keys_with_splits(200, 0.5)
-    # the same picture under a val key (smallest) and two train keys, with different captions
-    anchor = min(val[0], train[0], train[1])
-    group = [
-        record(val[0], "img", "cap a"),
-        record(train[0], "img", "cap b"),
-        record(train[1], "img", "cap c"),
-    ]
-    others = [record(k, f"px-{k}") for k in train[2:6] + val[1:5]]
-    shared = assign_splits(group + others, 0.5)
-    assert shared == 1
-    assert {r.split for r in group} == {split_of(anchor, 0.5)}
-    assert all(r.split == split_of(r.key, 0.5) for r in others)
-
-
-def test_exact_duplicates_keep_the_smallest_key():
-    records = [record("s-3", "img", "same"), record("s-1", "img", "same"), record("s-2", "img", "other")]
-    kept, rejects = dedupe(records)
-    assert [r.key for r in kept] == ["s-1", "s-2"]
-    (rej,) = rejects
-    assert (rej.key, rej.reason) == ("s-3", R.DUPLICATE) and "s-1" in rej.detail
-
-
-def test_spill_file_round_trip():
-    with SpillFile() as spill:
-        places = [spill.put(bytes([i]) * (i + 1)) for i in range(5)]
-        assert [spill.get(*p) for p in reversed(places)] == [bytes([i]) * (i + 1) for i in reversed(range(5))]
 
 
 def write_shard(path, n: int = 3) -> None:
