@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +27,15 @@ def _entry(rank: int, world: int, port: int, fn: Callable, folder: str, args: tu
         # process (SIGABRT) when a peer closes mid-operation (seen once in a clean-clone run).
         torch.distributed.barrier()
     finally:
+        gc.collect()  # drop autograd graphs that still hold gloo work before the group goes
         ctx.shutdown()
+    # A spawned child otherwise runs interpreter finalization, where gloo's C++ worker threads
+    # can still own tensors with Python references: destroying them then aborts the process
+    # ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291). The
+    # rank's result is saved and the group destroyed, so nothing is left for finalization to do.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn: Callable, folder: Path, *args, world: int = 2) -> list[dict]:
