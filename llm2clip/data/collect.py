@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from llm2clip.config import CommonConfig, PrepareDataConfig
 from llm2clip.data import records as R
-from llm2clip.data.groups import GroupResult, Plan, ShardJob, Store, group_name, write_shard
+from llm2clip.data.groups import GroupFiles, GroupResult, Plan, ShardJob, Store, group_name, write_shard
 from llm2clip.data.pool import ordered_map, replay_logs
 from llm2clip.data.records import Rejection, SampleRecord
 from llm2clip.data.shards import EVAL_SPLIT, run_splits, shard_name
@@ -110,7 +110,7 @@ class KeptTable:
 class Details:
     """Reads kept samples back from their group files: the full record, the jpg (a few markers cached)."""
 
-    def __init__(self, store: Store, cached: int = 2) -> None:
+    def __init__(self, store: GroupFiles, cached: int = 2) -> None:
         self.store = store
         self._markers: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._cached = cached
@@ -273,7 +273,7 @@ def kept_records(table: KeptTable, details: Details, labels: dict[str, set[str]]
         yield record
 
 
-def _shard_jobs(table: KeptTable, split: str, cfg: PrepareDataConfig, common: CommonConfig, groups: Store,
+def _shard_jobs(table: KeptTable, split: str, cfg: PrepareDataConfig, common: CommonConfig, groups: GroupFiles,
                 output: Store) -> Iterator[ShardJob]:
     order = shard_order(table, split, common.seed)
     for index, start in enumerate(range(0, len(order), cfg.shard_size)):
@@ -283,7 +283,7 @@ def _shard_jobs(table: KeptTable, split: str, cfg: PrepareDataConfig, common: Co
 
 def write_shards(
     executor: Executor, window: int, table: KeptTable, cfg: PrepareDataConfig, common: CommonConfig,
-    groups: Store, output: Store,
+    groups: GroupFiles, output: Store,
 ) -> dict[str, list[dict[str, Any]]]:
     """Pass 2: ``{split}-NNNNNN.tar`` shards, written by the workers; returns
     ``{split: [{name, count, sha256}]}``.

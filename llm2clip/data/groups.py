@@ -56,7 +56,7 @@ from llm2clip.data.sources import (
     open_source,
 )
 from llm2clip.data.validate import validate_sample
-from llm2clip.io import atomic_write_text, is_remote, s3_filesystem
+from llm2clip.io import StageError, atomic_write_text, is_remote, s3_filesystem
 
 SAMPLES_PER_GROUP = 4096  # samples (merged rows) of a manifest per group
 POOL_MIN_SAMPLES = 2000  # prepare_data.workers: 0 runs a plan of fewer samples in one process
@@ -257,6 +257,51 @@ def groups_store(data: str, endpoint_url: str = "") -> Store:
     return Store(f"{str(data).rstrip('/')}/{GROUPS_DIR}", endpoint_url)
 
 
+# -------------------------------------------------------------------- fan-out across pods
+
+
+def in_part(group: Group, part: int, parts: int) -> bool:
+    """Whether group task ``part`` of ``parts`` runs ``group``: round robin by group number, so
+    a source's equal input shards spread evenly."""
+    return group.number % parts == part
+
+
+def plan_digest(plan: Plan, cfg: PrepareDataConfig, common: CommonConfig) -> str:
+    """What every group's files depend on, over the whole plan (the groups' fingerprints, in order)."""
+    prints = [fingerprint(GroupJob(g, plan.sources[g.source], cfg, common, Store(""))) for g in plan.groups]
+    return hashlib.sha256(json.dumps([prints, sorted(plan.skipped.items())]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PartStores:
+    """The group files of a fanned-out pass 1, read where the group tasks wrote them: group ``n``
+    is in ``parts[n % len(parts)]`` (:func:`in_part`). Read-only: a merge never makes a group."""
+
+    parts: tuple[Store, ...]
+
+    def _store(self, name: str) -> Store:
+        return self.parts[int(name.split("-")[1].split(".")[0]) % len(self.parts)]
+
+    def read_json(self, name: str) -> Any:
+        return self._store(name).read_json(name)
+
+    def sha256(self, name: str) -> str | None:
+        return self._store(name).sha256(name)
+
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return self._store(name).read_ranges(name, ranges)
+
+    def local_file(self, name: str):
+        raise RuntimeError(f"{name}: the merge of a fan-out reads group files, it never writes one")
+
+    def remove(self) -> None:
+        """Nothing: the parts are the group tasks' outputs (KFP's cache may hand them to a later run)."""
+
+
+GroupFiles = Store | PartStores
+"""Where pass 2 and the table checks read group files: one run's store, or a fan-out's parts."""
+
+
 # ------------------------------------------------------------------------- pass 1: a group
 
 
@@ -269,7 +314,8 @@ class GroupJob:
     src: Source
     cfg: PrepareDataConfig
     common: CommonConfig
-    store: Store
+    store: GroupFiles
+    reuse_only: bool = False  # a fan-out's merge: the group must be finished in its part
 
 
 @dataclass
@@ -359,6 +405,11 @@ def run_group(job: GroupJob) -> GroupResult:
     print_ = fingerprint(job)
     if (marker := _reusable(job, print_)) is not None:
         return GroupResult(_slim(marker["samples"]), reused=True, logs=captured_logs())
+    if job.reuse_only:
+        part = job.group.number % len(job.store.parts)
+        raise StageError(f"prepare_data: group {job.group.name} is not finished in group part {part} of "
+                         f"{len(job.store.parts)}, or its files changed since; re-run that group task "
+                         f"(llm2clip prepare_data --part {part}/{len(job.store.parts)})")
     with muted():  # the parent logged what opening the source says when it planned the groups
         samples = group_samples(job.group, job.src, job.common)
     name = job.group.name
@@ -390,7 +441,7 @@ class ShardJob:
 
     name: str
     items: list[tuple[str, str, int, int, int, int]]
-    groups: Store
+    groups: GroupFiles
     output: Store
 
 
@@ -411,7 +462,7 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
         return shard_entry(path, writer.count)
 
 
-def _fetch(items: list[tuple[str, str, int, int, int, int]], store: Store) -> list[bytes]:
+def _fetch(items: list[tuple[str, str, int, int, int, int]], store: GroupFiles) -> list[bytes]:
     """The bytes from a sample's jpg to the end of its json, for each item, in order (one read
     per sample, each group tar opened once)."""
     wanted: dict[str, list[int]] = defaultdict(list)

@@ -6,23 +6,32 @@ Reads ``data`` (prepare_data) and ``caption_encoder`` (caption_contrastive, or a
 class-prompt embeddings and, last, ``manifest.json``. The layout is in
 :mod:`llm2clip.data.sidecars`, the batching in :mod:`llm2clip.text.embed`. A rerun keeps the
 sidecars whose done-marker still verifies and redoes the rest (a killed run resumes).
+
+Across pods (a KFP fan-out, :mod:`llm2clip.data.parts`): :func:`run_part` embeds one share of
+the image shards into a part folder; ``run(..., parts=[folders])`` is the merge, which verifies
+and copies them (no model is loaded). The output is the same as one process makes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from llm2clip.config import CommonConfig, EmbedCaptionsConfig, config_hash
 from llm2clip.contracts import write_manifest
+from llm2clip.data import parts as fanout
 from llm2clip.data import sidecars
 from llm2clip.data.shards import load_manifest
 from llm2clip.eval.zeroshot import DEFAULT_TEMPLATES, build_prompts
-from llm2clip.io import StageError, dir_fingerprint, output_dir
+from llm2clip.io import StageError, atomic_path, dir_fingerprint, is_remote, output_dir, sha256_file
 from llm2clip.lineage import check_caption_encoder_dir
 from llm2clip.text import embed
 from llm2clip.text.loading import resolve_model
@@ -166,19 +175,20 @@ def _log_summary(m: dict, metrics: dict, where: str) -> None:
              sets or "none", m["encoder"]["fingerprint"][:16])
 
 
-def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_encoder: str,
-        embeddings: str, pipeline_run_id: str = "") -> EmbedCaptionsResult:
-    """Embed every caption of ``data`` with ``caption_encoder`` into sidecars in ``embeddings``.
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What a run embeds with, checked: the data manifest, the encoder and the identity a finished
+    sidecar must have been made with to be kept."""
 
-    Raises:
-        StageError: data not prepared / changed since its manifest, a caption_encoder that is
-            another stage's output or lacks its settings file, vectors overflow ``dtype``, or a
-            worker dies.
-    """
-    from tqdm.auto import tqdm
+    manifest: dict
+    source: str
+    fingerprint: str
+    identity: dict
+    tracked: dict  # inputs the MLflow run records
 
-    endpoint = common.s3_endpoint_url
-    manifest = load_manifest(data, endpoint, common.caption_fields)
+
+def _inputs(cfg: EmbedCaptionsConfig, common: CommonConfig, data: str, caption_encoder: str) -> _Inputs:
+    manifest = load_manifest(data, common.s3_endpoint_url, common.caption_fields)
     source = resolve_model(caption_encoder, cfg.model_cache_dir)
     check_caption_encoder_dir(caption_encoder, source)
     fingerprint = embed.encoder_fingerprint(source)
@@ -187,27 +197,69 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
     identity = {"format_version": sidecars.FORMAT_VERSION, "fingerprint": fingerprint, "dtype": cfg.dtype,
                 "normalized": cfg.normalize, "caption_fields": list(common.caption_fields),
                 "precision": _device(cfg)[1], "max_length": cfg.max_length or None}
-    inputs = {"data": data} | ({"caption_encoder": source} if Path(source, "manifest.json").is_file() else {})
-    with stage_run(STAGE, cfg, common, inputs=inputs, pipeline_run_id=pipeline_run_id) as tracker:
-        tracker.set_tags({"llm2clip.encoder_fingerprint": fingerprint})
+    tracked = {"data": data} | ({"caption_encoder": source} if Path(source, "manifest.json").is_file() else {})
+    return _Inputs(manifest, source, fingerprint, identity, tracked)
+
+
+def _shard_entries(manifest: dict) -> list[tuple[str, dict]]:
+    """``(split, entry)`` of every image shard, in the manifest's order (the job order)."""
+    return [(split, e) for split, entries in manifest["shards"].items() for e in entries]
+
+
+def _prompts(zs: list[tuple]) -> list[str]:
+    return [p for _, names, tpl in zs for row in build_prompts(names, tpl) for p in row]
+
+
+def _embed(jobs: list, prompts: list[str], cfg: EmbedCaptionsConfig, common: CommonConfig, inputs: _Inputs,
+           out: Path, desc: str) -> tuple[list[dict], Any, float, int]:
+    """Embed ``jobs`` (and ``prompts``) into ``out`` with a progress bar; ``(markers, prompt
+    vectors, seconds, workers)``."""
+    from tqdm.auto import tqdm
+
+    workers, gpus = _workers(cfg, _device(cfg)[0])
+    opts = _options(cfg, common, inputs.source, out, inputs.identity, workers)
+    # captions per field are not known before reading; one per field is the estimate
+    total = sum(j.count for j in jobs) * len(common.caption_fields) + len(prompts)
+    started = time.monotonic()
+    with tqdm(total=total, desc=desc, unit="caption", dynamic_ncols=True) as bar:
+        made, prompt_vectors = embed.run_jobs(jobs, opts, num_workers=workers, texts=prompts,
+                                              on_batch=lambda c, t: bar.update(c), gpus=gpus)
+        bar.total = bar.n
+    return made, prompt_vectors, time.monotonic() - started, workers
+
+
+def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_encoder: str,
+        embeddings: str, pipeline_run_id: str = "", parts: Sequence[str] = ()) -> EmbedCaptionsResult:
+    """Embed every caption of ``data`` with ``caption_encoder`` into sidecars in ``embeddings``.
+
+    Args:
+        parts: The merge of a fan-out: the folders :func:`run_part` wrote, one per part (local
+            folders: a KFP task's downloaded inputs). Every sidecar and the zero-shot grids are
+            then verified and copied from their part; nothing is embedded and no model is loaded.
+
+    Raises:
+        StageError: data not prepared / changed since its manifest, a caption_encoder that is
+            another stage's output or lacks its settings file, vectors overflow ``dtype``, a
+            worker dies, or a part that is missing, incomplete or made from other inputs.
+    """
+    endpoint = common.s3_endpoint_url
+    inputs = _inputs(cfg, common, data, caption_encoder)
+    manifest, identity = inputs.manifest, inputs.identity
+    with stage_run(STAGE, cfg, common, inputs=inputs.tracked, pipeline_run_id=pipeline_run_id) as tracker:
+        tracker.set_tags({"llm2clip.encoder_fingerprint": inputs.fingerprint})
         with output_dir(embeddings, endpoint) as out:
-            sidecars.clean_output(out, {s["name"] for shards in manifest["shards"].values() for s in shards})
-            workers, gpus = _workers(cfg, _device(cfg)[0])
-            opts = _options(cfg, common, source, out, identity, workers)
-            jobs, kept = embed.plan_jobs(out, data, manifest, identity)
+            sidecars.clean_output(out, {e["name"] for _, e in _shard_entries(manifest)})
             zs = _zeroshot_sets(cfg, data, manifest, endpoint)
-            prompts = [p for _, names, tpl in zs for row in build_prompts(names, tpl) for p in row]
-            # captions per field are not known before reading; one per field is the estimate
-            total = sum(j.count for j in jobs) * len(common.caption_fields) + len(prompts)
-            log.info("embed_captions: %d sidecars to make, %d kept from an earlier run", len(jobs), len(kept))
-            started = time.monotonic()
-            with tqdm(total=total, desc="embed_captions", unit="caption", dynamic_ncols=True) as bar:
-                made, prompt_vectors = embed.run_jobs(jobs, opts, num_workers=workers, texts=prompts,
-                                                      on_batch=lambda c, t: bar.update(c), gpus=gpus)
-                bar.total = bar.n
-            seconds = time.monotonic() - started
-            zeroshot = _write_zeroshot(out, zs, prompt_vectors, cfg, identity)
-            body = _manifest(cfg, common, data, source, identity, made + kept, zeroshot, endpoint)
+            prompts = _prompts(zs)
+            if parts:
+                made, zeroshot, seconds, workers = _merge_parts(list(parts), out, cfg, common, data, inputs, zs)
+                kept: list[dict] = []
+            else:
+                jobs, kept = embed.plan_jobs(out, data, manifest, identity)
+                log.info("embed_captions: %d sidecars to make, %d kept from an earlier run", len(jobs), len(kept))
+                made, prompt_vectors, seconds, workers = _embed(jobs, prompts, cfg, common, inputs, out, STAGE)
+                zeroshot = _write_zeroshot(out, zs, prompt_vectors, cfg, identity)
+            body = _manifest(cfg, common, data, inputs.source, identity, made + kept, zeroshot, endpoint)
             if manifest.get("eval_set"):  # an evaluation set: evaluate finds its embeddings by name
                 body["eval_set"] = manifest["eval_set"]
             body = write_manifest(STAGE, out, body)  # last: the commit mark
@@ -222,5 +274,99 @@ def run(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_en
     return EmbedCaptionsResult(
         embeddings=str(embeddings), sidecars=len(made) + len(kept), reused=len(kept),
         samples=body["counts"]["samples"], captions=body["counts"]["captions"], dim=body["dim"],
-        zeroshot_sets=tuple(zeroshot), fingerprint=fingerprint, captions_per_s=metrics["captions_per_s"],
+        zeroshot_sets=tuple(zeroshot), fingerprint=inputs.fingerprint, captions_per_s=metrics["captions_per_s"],
     )
+
+
+# ------------------------------------------------------------------- fan-out across pods
+
+
+def _share(manifest: dict, prompts: list[str], fields: int, part: int, parts: int) -> tuple[set[str], bool]:
+    """Group task ``part``'s shards (by name) and whether it embeds the zero-shot prompts:
+    :func:`~llm2clip.text.embed.assign_work` over the pods, as it assigns a pod's workers."""
+    entries = _shard_entries(manifest)
+    indices, texts = embed.assign_work([e["count"] for _, e in entries], parts, len(prompts), fields)[part]
+    return {entries[i][1]["name"] for i in indices}, texts
+
+
+def _plan_digest(inputs: _Inputs, data: str, prompts: list[str], endpoint: str) -> str:
+    """What a part's sidecars depend on: the identity, the data manifest, the prompts."""
+    parts = [inputs.identity, dir_fingerprint(data, endpoint), prompts]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def run_part(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, caption_encoder: str, part: int,
+             parts: int, embeddings_part: str, pipeline_run_id: str = "") -> dict[str, Any]:
+    """Group task ``part`` of ``parts``: embed its share of the image shards (and the zero-shot
+    prompts, when they fall to it) into ``embeddings_part``, then write its ``part.json``. A
+    rerun keeps the sidecars it finished. Nothing is tracked in MLflow: the merge's run is the
+    stage's. Returns the part record.
+
+    Raises:
+        StageError: as :func:`run`; ValueError: a part outside ``0..parts-1``.
+    """
+    fanout.check_part(part, parts)
+    endpoint = common.s3_endpoint_url
+    inputs = _inputs(cfg, common, data, caption_encoder)
+    zs = _zeroshot_sets(cfg, data, inputs.manifest, endpoint)
+    prompts = _prompts(zs)
+    mine, texts = _share(inputs.manifest, prompts, len(common.caption_fields), part, parts)
+    with output_dir(embeddings_part, endpoint) as out:
+        sidecars.clean_output(out, mine)
+        shards = {split: [e for e in entries if e["name"] in mine] for split, entries in inputs.manifest["shards"].items()}
+        jobs, kept = embed.plan_jobs(out, data, {**inputs.manifest, "shards": shards}, inputs.identity)
+        log.info("embed_captions: group part %d of %d: %d of %d image shards%s (%d kept from an earlier run)",
+                 part, parts, len(mine), len(_shard_entries(inputs.manifest)),
+                 " and the zero-shot prompts" if texts else "", len(kept))
+        made, vectors, seconds, workers = _embed(jobs, prompts if texts else [], cfg, common, inputs, out,
+                                                 f"embed_captions {part}/{parts}")
+        zeroshot = _write_zeroshot(out, zs, vectors, cfg, inputs.identity) if texts else {}
+        record = fanout.write_part(out, STAGE, part, parts, _plan_digest(inputs, data, prompts, endpoint),
+                                   {"shards": sorted(mine), "zeroshot": zeroshot, "made": len(made),
+                                    "kept": len(kept), "workers": workers, "seconds": seconds})
+    log.info("embed_captions: group part %d of %d done: %d sidecars (%d made), %.1f s -> %s", part, parts,
+             len(mine), len(made), seconds, embeddings_part)
+    return record
+
+
+def _merge_parts(folders: list[str], out: Path, cfg: EmbedCaptionsConfig, common: CommonConfig, data: str,
+                 inputs: _Inputs, zs: list[tuple]) -> tuple[list[dict], dict, float, int]:
+    """The merge: every part checked, every sidecar verified and copied into ``out`` in job order,
+    the zero-shot grids from the part that made them. ``(markers, zeroshot entries, seconds of
+    the slowest part, workers of all parts)``."""
+    endpoint = common.s3_endpoint_url
+    remote = [f for f in folders if is_remote(f)]
+    if remote:
+        raise StageError(f"embed_captions: the merge reads its parts from local folders, not {remote[0]}")
+    prompts = _prompts(zs)
+    checked = fanout.read_parts(folders, STAGE, _plan_digest(inputs, data, prompts, endpoint), endpoint)
+    owner = {name: (part, Path(folder)) for part, (folder, record) in enumerate(checked) for name in record["shards"]}
+    markers = []
+    for _, entry in _shard_entries(inputs.manifest):
+        part, folder = owner.get(entry["name"], (None, None))
+        done = None if folder is None else sidecars.marker_matches(
+            folder, entry["name"], {**inputs.identity, "image_sha256": entry["sha256"]})
+        if done is None:
+            raise StageError(f"embed_captions: the sidecar of {entry['name']} is not finished in group part "
+                             f"{part} of {len(checked)}, or it changed since; re-run that group task "
+                             f"(llm2clip embed_captions --part {part}/{len(checked)})")
+        for name in (sidecars.sidecar_name(entry["name"]), sidecars.marker_name(entry["name"])):
+            with atomic_path(out / name) as tmp:
+                shutil.copyfile(folder / name, tmp)
+        markers.append(done)
+    zeroshot: dict[str, Any] = {}
+    for folder, record in checked:
+        for split, entry in record["zeroshot"].items():
+            for key in ("file", "meta"):
+                with atomic_path(out / entry[key]) as tmp:
+                    shutil.copyfile(Path(folder) / entry[key], tmp)
+            if sha256_file(out / entry["file"]) != entry["sha256"]:
+                raise StageError(f"embed_captions: {folder}/{entry['file']} changed since its group task wrote it; "
+                                 "re-run that group task")
+            zeroshot[split] = entry
+    if sorted(zeroshot) != sorted(split for split, _, _ in zs):
+        raise StageError(f"embed_captions: the parts hold zero-shot grids for {sorted(zeroshot)}, this merge needs "
+                         f"{sorted(split for split, _, _ in zs)}; re-run the group tasks")
+    log.info("embed_captions: merged %d group parts: %d sidecars, zero-shot sets %s", len(checked), len(markers),
+             sorted(zeroshot) or "none")
+    return (markers, zeroshot, max(r["seconds"] for _, r in checked), sum(r["workers"] for _, r in checked))
