@@ -55,3 +55,9 @@ IMAGE = image_tag("cpu")
 def component(stage: str) -> Any:
     """The KFP component of ``stage``: ``components.<stage>.component.<stage>``."""
     return getattr(importlib.import_module(f"components.{stage}.component"), stage)
+
+
+def fanout_components(stage: str) -> tuple[Any, Any]:
+    """The group and merge components of a stage that fans out (``components/<stage>/fanout.py``)."""
+    module = importlib.import_module(f"components.{stage}.fanout")
+    return getattr(module, f"{stage}_group"), getattr(module, f"{stage}_merge")

@@ -232,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--pipeline-run-id", default=os.environ.get("LLM2CLIP_PIPELINE_RUN_ID", ""),
             help="id of the pipeline run this stage belongs to (MLflow lineage)",
         )
+        if spec.fans_out:
+            fan = p.add_mutually_exclusive_group()
+            fan.add_argument("--part", metavar="G/N", type=_part,
+                             help=f"run group task G of N (counted from 0) of a fan-out across machines: its share "
+                                  f"of the work into --{spec.outputs[0]} (a part folder); then merge with --parts")
+            fan.add_argument("--parts", nargs="+", metavar="DIR", default=(),
+                             help=f"merge a fan-out: the N part folders that --part G/N wrote; writes "
+                                  f"--{spec.outputs[0]} as one run would")
         if spec.per_eval_set:
             p.add_argument("--eval-set", metavar="NAME",
                            help="run on the evaluation set NAME of the eval_data section instead of the "
@@ -323,10 +331,22 @@ def _run(args: argparse.Namespace, context: ErrorContext) -> int:
     paths: dict[str, Any] = {name: getattr(args, name) for name in spec.inputs + spec.outputs}
     for name in spec.collected:
         paths[name] = subdirectories(getattr(args, name), context.endpoint) if getattr(args, name) else []
-    result = launch(spec.name, cfg, common, paths, args.pipeline_run_id)
+    fan = {"part": getattr(args, "part", None), "parts": list(getattr(args, "parts", ()))}
+    result = launch(spec.name, cfg, common, paths, args.pipeline_run_id, **fan)
     if result is not None:
-        log.info("%s done: %s", spec.name, json.dumps(result.summary(), default=str))
+        summary = result if isinstance(result, dict) else result.summary()
+        log.info("%s done: %s", spec.name, json.dumps(summary, default=str))
     return 0
+
+
+def _part(text: str) -> tuple[int, int]:
+    """``--part G/N`` (argparse turns the ValueError into a usage error)."""
+    from llm2clip.data.parts import parse_part
+
+    try:
+        return parse_part(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,8 +111,11 @@ def _sub_dag(spec: dict[str, Any], task: dict, dag: dict, values: dict[str, Any]
              keys: dict[str, str], suffix: str) -> dict[str, str]:
     """A ParallelFor (or plain sub-DAG) task: its DAG once per item; outputs collected per item."""
     iterator = task.get("parameterIterator")
-    runs = ([dict(values, **{iterator["itemInput"]: item}) for item in values[iterator["items"]["inputParameter"]]]
-            if iterator else [values])
+    items: list[Any] = []
+    if iterator:  # a list compiled into the spec (a fan-out's parts) or a pipeline parameter (the eval sets)
+        source = iterator["items"]
+        items = json.loads(source["raw"]) if "raw" in source else values[source["inputParameter"]]
+    runs = [dict(values, **{iterator["itemInput"]: item}) for item in items] if iterator else [values]
     collected: dict[str, list[str]] = {out: [] for out in dag.get("outputs", {}).get("artifacts", {})}
     for i, scope in enumerate(runs):
         inner = _dag_keys(spec, dag["tasks"], scope, arts, keys, f"{suffix}[{i}]" if iterator else suffix)

@@ -27,12 +27,13 @@ command/args and image; not its env or pod settings):
 """
 
 # No `from __future__ import annotations`: KFP reads the parameter types at decoration time.
+import dataclasses
 import json
 from typing import Any
 
 from kfp import dsl, kubernetes
 
-from components import component, image_tag
+from components import component, fanout_components, image_tag
 from llm2clip.cluster.profile import TRAINING_STAGES, ClusterProfile, TaskProfile, load_cluster_profile
 from llm2clip.cluster.task import PIPELINE_RUN_ENV, PROFILE_ENV
 from llm2clip.config import Params, eval_set_sections, to_dict
@@ -101,6 +102,43 @@ def _stage(profile: ClusterProfile, stage: str, sections: dict[str, Any], images
     return task
 
 
+def _placed(task: dsl.PipelineTask, pod: TaskProfile, profile: ClusterProfile, images: dict[str, Any],
+            display_name: str) -> dsl.PipelineTask:
+    task.set_display_name(display_name)
+    apply_profile(task, pod, profile)
+    task.set_container_image(images["gpu"] if pod.gpu else images["cpu"])
+    return task
+
+
+def merge_pod(task: TaskProfile) -> TaskProfile:
+    """The pod of a fan-out's merge: the stage's CPU and memory, no accelerator (it loads no model)."""
+    return dataclasses.replace(task, accelerator_type="", accelerator_count=0, node_selector={}, tolerations=(),
+                               shard_groups=1)
+
+
+def group_loop(stage: str) -> str:
+    """Name of a stage's fan-out ParallelFor; its tasks show as ``<stage>_group`` and ``<stage>``."""
+    return f"{stage.replace('_', '-')}-groups"
+
+
+def _data_stage(profile: ClusterProfile, stage: str, sections: dict[str, Any], images: dict[str, Any],
+                **inputs: Any) -> dsl.PipelineTask:
+    """A stage that can fan out: one task, or with ``shard_groups: N`` in its cluster profile a
+    ParallelFor of N group tasks (each a pod of the stage's profile, retried alone) and a merge
+    task shown under the stage's name, whose outputs are the stage's."""
+    settings = profile.task(stage)
+    if settings.shard_groups <= 1:
+        return _stage(profile, stage, sections, images, **inputs)
+    group, merge = fanout_components(stage)
+    common, config, n = sections["common"], sections[stage], settings.shard_groups
+    with dsl.ParallelFor(list(range(n)), name=group_loop(stage), parallelism=n) as part:
+        made = _placed(group(common=common, config=config, part=part, parts=n, **inputs), settings, profile,
+                       images, f"{stage}_group")
+    (output,) = made.outputs.keys()
+    merged = merge(common=common, config=config, parts=dsl.Collected(made.outputs[output]), **inputs)
+    return _placed(merged, merge_pod(settings), profile, images, stage)
+
+
 EVAL_LOOP = "eval-sets"
 """Name of the ParallelFor over the evaluation sets; its tasks show as ``prepare_eval`` / ``embed_eval``."""
 
@@ -156,10 +194,10 @@ def build_pipeline(profile: ClusterProfile | None = None):
                     "embed_captions": embed_captions, "train_vision": train_vision, "evaluate": evaluate,
                     "register": register}
         images = {"cpu": image, "gpu": gpu_image}
-        data = _stage(profile, "prepare_data", sections, images).outputs["data"]
+        data = _data_stage(profile, "prepare_data", sections, images).outputs["data"]
         encoder = _stage(profile, "caption_contrastive", sections, images, data=data).outputs["caption_encoder"]
-        embeddings = _stage(profile, "embed_captions", sections, images, data=data,
-                            caption_encoder=encoder).outputs["embeddings"]
+        embeddings = _data_stage(profile, "embed_captions", sections, images, data=data,
+                                 caption_encoder=encoder).outputs["embeddings"]
         model = _stage(profile, "train_vision", sections, images, data=data,
                        embeddings=embeddings).outputs["vision_model"]
         eval_sets, eval_embeddings = _eval_sets(profile, eval_data, images, encoder)

@@ -2,6 +2,7 @@
 
     python -m pipelines.local [--params params.yaml] [--set section.key=value ...]
                               [--data-revision REV] [--pipeline-root local_outputs]
+                              [--cluster PROFILE] [--cache]
 
 Tasks run as subprocesses of the current interpreter (``SubprocessRunner(use_venv=False)``):
 the components install nothing (``install_kfp_package=False``, no ``packages_to_install``), so
@@ -9,8 +10,10 @@ the venv is used as it is. Outputs land in ``<pipeline-root>/llm2clip-<timestamp
 
 The run id reaches every task the way it does on a cluster, as ``$LLM2CLIP_PIPELINE_RUN_ID``
 (there from the pod's ``pipeline/runid`` label; here ``local-<time>-<random>``), not as a task
-parameter, so it never enters a cache key. Cluster profiles (pods, GPUs, secrets) do not apply
-under ``kfp.local``.
+parameter, so it never enters a cache key. A cluster profile's pod settings (resources, GPUs,
+secrets) do not apply under ``kfp.local``; its shape does: ``--cluster`` with ``shard_groups``
+runs the fan-out (ParallelFor of group tasks + merge, kfp.local runs the items in parallel and
+honours the retry policy). ``--cache`` turns on kfp.local's task cache (under the pipeline root).
 """
 
 import argparse
@@ -27,6 +30,7 @@ from llm2clip.config import ConfigError, Params, load_params
 from llm2clip.stages import STAGES
 from pipelines.llm2clip_pipeline import (
     PIPELINE_NAME,
+    build_pipeline,
     data_revision_override,
     llm2clip_pipeline,
     pipeline_arguments,
@@ -40,17 +44,26 @@ def local_run_id() -> str:
     return f"local-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-def run_local(params: Params, pipeline_root: str | Path = "local_outputs", run_id: str | None = None) -> Path:
+def run_local(params: Params, pipeline_root: str | Path = "local_outputs", run_id: str | None = None,
+              cluster: str | Path | None = None, cache: bool = False) -> Path:
     """Run the pipeline with ``params`` under ``kfp.local``; returns this run's output folder.
+
+    Args:
+        cluster: A cluster profile (name or file) whose DAG shape to run (its fan-outs).
+        cache: Reuse the outputs of tasks that ran before with the same inputs.
 
     Raises:
         RuntimeError: A task failed (kfp.local logs the task's output first).
+        ConfigError: An invalid cluster profile.
     """
     from kfp import local
 
+    from llm2clip.cluster.profile import load_cluster_profile
+
+    pipeline = build_pipeline(load_cluster_profile(cluster)) if cluster else llm2clip_pipeline
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=cache)
     before = set(root.glob(f"{PIPELINE_NAME}-*"))
     with warnings.catch_warnings():
         # kfp.local guesses from the image *name* whether it holds Python; ours does.
@@ -58,7 +71,7 @@ def run_local(params: Params, pipeline_root: str | Path = "local_outputs", run_i
         previous = os.environ.get(PIPELINE_RUN_ENV)
         os.environ[PIPELINE_RUN_ENV] = run_id or local_run_id()  # the task subprocesses inherit it
         try:
-            llm2clip_pipeline(**pipeline_arguments(params))
+            pipeline(**pipeline_arguments(params))
         finally:
             if previous is None:
                 os.environ.pop(PIPELINE_RUN_ENV, None)
@@ -69,11 +82,13 @@ def run_local(params: Params, pipeline_root: str | Path = "local_outputs", run_i
 
 
 def stage_outputs(run_dir: Path) -> dict[str, dict[str, Path]]:
-    """``{stage: {output name: directory}}`` of one local run (task folders use dashes)."""
-    return {
-        stage: {name: run_dir / stage.replace("_", "-") / name for name in spec.outputs}
-        for stage, spec in STAGES.items()
-    }
+    """``{stage: {output name: directory}}`` of one local run (task folders use dashes; a stage
+    that fanned out has its outputs in its merge task's folder)."""
+    def folder(stage: str) -> Path:
+        plain, merge = run_dir / stage.replace("_", "-"), run_dir / f"{stage.replace('_', '-')}-merge"
+        return merge if merge.is_dir() and not plain.is_dir() else plain
+
+    return {stage: {name: folder(stage) / name for name in spec.outputs} for stage, spec in STAGES.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                         "without a rev read at it; recorded in MLflow and on the registered model")
     parser.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),
                         help="where kfp.local writes the runs' artifacts")
+    parser.add_argument("--cluster", metavar="PROFILE",
+                        help="cluster profile whose DAG shape to run (e.g. its shard_groups fan-outs); "
+                        "pod settings do not apply locally")
+    parser.add_argument("--cache", action="store_true", help="reuse task outputs of earlier runs (kfp.local cache)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -97,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("configuration error: %s", err)
         return 2
     try:
-        run_dir = run_local(params, args.pipeline_root)
+        run_dir = run_local(params, args.pipeline_root, cluster=args.cluster, cache=args.cache)
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        return 2
     except RuntimeError as err:
         log.error("local pipeline run failed: %s", err)
         return 1

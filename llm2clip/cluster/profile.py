@@ -93,6 +93,10 @@ class TaskProfile:
             under torchrun). ``trainjob``: the task creates a Kubeflow Trainer TrainJob of
             ``num_nodes`` nodes and waits for it (training stages only).
         num_nodes: Nodes of the TrainJob (``launcher: trainjob``).
+        shard_groups: Pods the stage fans out over (prepare_data, embed_captions): a KFP
+            ``ParallelFor`` of that many group tasks, each a pod of this profile, then a small
+            merge task (:mod:`llm2clip.data.parts`). 1 = one task. The output is the same
+            either way, so the count is placement, not a hyperparameter.
     """
 
     cpu_request: str = "1"
@@ -111,6 +115,7 @@ class TaskProfile:
     backoff_max_duration: str = "3600s"
     launcher: Literal["local", "trainjob"] = "local"
     num_nodes: int = 1
+    shard_groups: int = 1
 
     def __post_init__(self) -> None:
         for name in ("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size"):
@@ -120,6 +125,8 @@ class TaskProfile:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not a duration like 60s, 5m, 1h")
         if self.accelerator_count < 0 or self.timeout_s < 0 or self.retries < 0 or self.num_nodes < 1:
             raise ConfigError("accelerator_count, timeout_s and retries must be >= 0, num_nodes >= 1")
+        if self.shard_groups < 1:
+            raise ConfigError(f"shard_groups: {self.shard_groups}; it must be >= 1 (1 = no fan-out)")
         if self.accelerator_count and not self.accelerator_type:
             raise ConfigError("accelerator_count > 0 needs accelerator_type (e.g. nvidia.com/gpu)")
         if self.num_nodes > 1 and self.launcher != "trainjob":
@@ -200,6 +207,9 @@ def load_cluster_profile(path: str | Path) -> ClusterProfile:
         task = from_dict(TaskProfile, {**defaults, **(stages.get(stage) or {})}, f"stages.{stage}")
         if task.launcher == "trainjob" and stage not in TRAINING_STAGES:
             raise ConfigError(f"stages.{stage}.launcher: only {' and '.join(TRAINING_STAGES)} run as a TrainJob")
+        if task.shard_groups > 1 and not STAGES[stage].fans_out:
+            fanning = [name for name, spec in STAGES.items() if spec.fans_out]
+            raise ConfigError(f"stages.{stage}.shard_groups: only {' and '.join(fanning)} fan out across pods")
         tasks[stage] = task
     return dataclasses.replace(from_dict(ClusterProfile, {"name": path.stem, **raw}), tasks=tasks)
 

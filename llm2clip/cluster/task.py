@@ -57,7 +57,8 @@ def _profile_from_env(stage: str, num_nodes: int):
 
 
 def run_task(stage: str, common: dict, config: dict, *, inputs: dict[str, Any], outputs: dict[str, Any],
-             num_nodes: int = 1, trainjob_image: str = "") -> dict[str, dict[str, Any]]:
+             num_nodes: int = 1, trainjob_image: str = "", part: tuple[int, int] | None = None,
+             parts: list[Any] | None = None) -> dict[str, dict[str, Any]]:
     """Run ``stage`` for one KFP task and put each output's summary into its artifact's metadata.
 
     Args:
@@ -66,6 +67,10 @@ def run_task(stage: str, common: dict, config: dict, *, inputs: dict[str, Any], 
         inputs, outputs: ``{name: KFP artifact}`` as the stage table names them.
         num_nodes: TrainJob nodes (training stages; must equal the cluster profile's).
         trainjob_image: Non-empty: run as a Kubeflow Trainer TrainJob of this image.
+        part: ``(g, N)``: group task ``g`` of a fan-out (:mod:`llm2clip.data.parts`); its one
+            output is the part folder.
+        parts: The merge of a fan-out: the group tasks' output artifacts (read from the local
+            copies KFP made, like every input).
 
     Returns:
         ``{output name: metadata}``.
@@ -84,10 +89,12 @@ def run_task(stage: str, common: dict, config: dict, *, inputs: dict[str, Any], 
 
         where = {name: _input_path(a) for name, a in inputs.items()}
         where |= {name: location(a) for name, a in outputs.items()}
-        metadata = run_stage(stage, common, config, where, run_id)
+        metadata = run_stage(stage, common, config, where, run_id, part=part,
+                             parts=[a.path for a in parts] if parts else None)
     for name, artifact in outputs.items():
         if where[name] != artifact.path:  # written to S3 directly: KFP uploads .path afterwards
-            _mirror_manifest(where[name], Path(artifact.path), common.get("s3_endpoint_url", ""))
+            _mirror_manifest(where[name], Path(artifact.path), common.get("s3_endpoint_url", ""),
+                             "part.json" if part is not None else "manifest.json")
         artifact.metadata.update(metadata[name])
     log.info("%s: outputs %s", stage, ", ".join(f"{n} -> {where[n]}" for n in outputs))
     return metadata
@@ -100,12 +107,18 @@ def _input_path(artifact: Any) -> Any:
     return artifact.path
 
 
-def _mirror_manifest(uri: str, local: Path, endpoint_url: str) -> None:
-    """Copy the output's manifest into the task's local output folder (the same bytes KFP then
-    uploads to the same key), so KFP's own upload of ``.path`` finds a folder and changes nothing."""
+def _mirror_manifest(uri: str, local: Path, endpoint_url: str, name: str = "manifest.json") -> None:
+    """Copy the output's manifest (a group task's ``part.json``) into the task's local output
+    folder (the same bytes KFP then uploads to the same key), so KFP's own upload of ``.path``
+    finds a folder and changes nothing."""
     from llm2clip.contracts import mirror_manifest
 
-    mirror_manifest(uri, local, endpoint_url)
+    if name == "manifest.json":
+        mirror_manifest(uri, local, endpoint_url)
+        return
+    from llm2clip.io import atomic_write_bytes, s3_filesystem
+
+    atomic_write_bytes(local / name, s3_filesystem(endpoint_url).cat_file(f"{uri.rstrip('/')}/{name}"))
 
 
 def publish_report(report: Any, common: dict, *, metrics: Any, html: Any, markdown: Any) -> None:

@@ -30,6 +30,9 @@ class StageSpec:
         collected: Inputs that are several directories, one per evaluation set: on the command
             line a folder whose sub-folders are taken (``--eval-data data/eval``), in KFP a
             ``dsl.Collected`` list over the eval-set ParallelFor. Optional: none means no sets.
+        fans_out: The stage can run across pods (:mod:`llm2clip.data.parts`): group tasks
+            (``run_part``, CLI ``--part G/N``, the output flag naming the part folder) and a merge
+            (``run(..., parts=[...])``, CLI ``--parts DIR...``).
     """
 
     name: str
@@ -38,6 +41,12 @@ class StageSpec:
     outputs: tuple[str, ...]
     per_eval_set: str = ""
     collected: tuple[str, ...] = ()
+    fans_out: bool = False
+
+    @property
+    def part_output(self) -> str:
+        """The keyword of ``run_part``'s output folder: ``<output>_part`` (``data_part``)."""
+        return f"{self.outputs[0]}_part"
 
     def module(self) -> ModuleType:
         """Import the stage module lazily (heavy imports stay out of ``--help``)."""
@@ -53,6 +62,7 @@ STAGES: dict[str, StageSpec] = {
             inputs=(),
             outputs=("data",),
             per_eval_set="eval_data",
+            fans_out=True,
         ),
         StageSpec(
             "caption_contrastive",
@@ -66,6 +76,7 @@ STAGES: dict[str, StageSpec] = {
             inputs=("data", "caption_encoder"),
             outputs=("embeddings",),
             per_eval_set="eval_embeddings",
+            fans_out=True,
         ),
         StageSpec(
             "train_vision",
@@ -127,19 +138,36 @@ def torchrun_command(stage: str, cfg: Any, common: Any, paths: dict[str, str], p
     return cmd
 
 
-def launch(stage: str, cfg: Any, common: Any, paths: dict[str, str], pipeline_run_id: str = "") -> Any:
+def launch(stage: str, cfg: Any, common: Any, paths: dict[str, str], pipeline_run_id: str = "",
+           part: tuple[int, int] | None = None, parts: list[str] | None = None) -> Any:
     """Run ``stage`` with typed configs: in this process, or under torchrun when it asks for more.
 
     See :func:`torchrun_command` for when workers are started. Returns ``run``'s result (None
-    when torchrun ran it).
+    when torchrun ran it). A stage that fans out runs group task ``part = (g, N)`` (its output
+    path is the part folder) or, with ``parts``, the merge of those folders.
     """
     import subprocess
 
+    spec = STAGES[stage]
+    if (part is not None or parts) and not spec.fans_out:
+        raise ValueError(f"{stage} does not fan out (--part/--parts: {', '.join(fanning_out())})")
+    if part is not None:
+        (output,) = spec.outputs
+        kwargs = {k: v for k, v in paths.items() if k != output} | {spec.part_output: paths[output]}
+        return spec.module().run_part(cfg, common, part=part[0], parts=part[1], **kwargs,
+                                      pipeline_run_id=pipeline_run_id)
+    if parts:
+        return spec.module().run(cfg, common, **paths, parts=parts, pipeline_run_id=pipeline_run_id)
     cmd = torchrun_command(stage, cfg, common, paths, pipeline_run_id)
     if cmd is not None:
         subprocess.run(cmd, check=True)
         return None
     return STAGES[stage].module().run(cfg, common, **paths, pipeline_run_id=pipeline_run_id)
+
+
+def fanning_out() -> list[str]:
+    """The stages that can run as group tasks and a merge."""
+    return [name for name, spec in STAGES.items() if spec.fans_out]
 
 
 def output_metadata(directory: str, endpoint_url: str = "", result: Any = None) -> dict[str, Any]:
@@ -166,15 +194,24 @@ def manifest_metadata(manifest: dict[str, Any], result: Any = None) -> dict[str,
 
 
 def run_stage(stage: str, common: dict, config: dict, paths: dict[str, str],
-              pipeline_run_id: str = "") -> dict[str, dict[str, Any]]:
-    """Run one stage from plain dict sections: how a KFP task runs its stage in its own pod.
+              pipeline_run_id: str = "", part: tuple[int, int] | None = None,
+              parts: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Run one stage from plain dict sections: how a KFP task runs its stage in its own pod
+    (``part``/``parts``: a group task or the merge of a fan-out, see :func:`launch`).
 
     Returns:
-        ``{output name: metadata}`` (:func:`output_metadata` of each output).
+        ``{output name: metadata}`` (:func:`output_metadata` of each output; a group task's
+        output: its part record's scalars).
     """
     from llm2clip.config import load_sections
 
     cfg, common_cfg = load_sections(stage, common, config)
-    result = launch(stage, cfg, common_cfg, paths, pipeline_run_id)
+    result = launch(stage, cfg, common_cfg, paths, pipeline_run_id, part=part, parts=parts)
+    if part is not None:
+        from llm2clip.tracking import flatten
+
+        record = result if isinstance(result, dict) else result.summary()
+        values = {k: v for k, v in flatten(record).items() if isinstance(v, (bool, int, float, str))}
+        return {name: dict(sorted(values.items())) for name in STAGES[stage].outputs}
     return {name: output_metadata(paths[name], common_cfg.s3_endpoint_url, result)
             for name in STAGES[stage].outputs}

@@ -222,7 +222,8 @@ def run_part(
             kept += sum("record" in s for s in result.samples)
     seconds = time.monotonic() - start
     fanout.write_part(data_part, "prepare_data", part, parts, groups.plan_digest(plan, cfg, common),
-                      {"groups": [g.name for g in mine], "samples": samples, "kept": kept, "seconds": seconds},
+                      {"groups": [g.name for g in mine], "reused": reused, "samples": samples, "kept": kept,
+                       "workers": workers, "seconds": seconds},
                       common.s3_endpoint_url)
     log.info("prepare_data: group part %d of %d done: %d groups (%d reused), %d samples, %d kept, %.1f s -> %s",
              part, parts, len(mine), reused, samples, kept, seconds, data_part)

@@ -79,3 +79,15 @@ def registry_edges(stages) -> set[tuple[str, str, str]]:
         edges |= {(produced[name], spec.name, name) for name in spec.inputs if name in produced}
         produced.update({name: spec.name for name in spec.outputs})
     return edges
+
+
+def fanout_profile(folder: Path, groups: dict[str, int]) -> Path:
+    """The cpu cluster profile with ``shard_groups`` for the given stages, one retry after 1 s
+    (kfp.local honours both); returns the file."""
+    raw = yaml.safe_load((REPO / "params" / "cluster" / "cpu.yaml").read_text())
+    for stage, n in groups.items():
+        raw["stages"][stage] = {**raw["stages"].get(stage, {}), "shard_groups": n, "retries": 1,
+                                "backoff_duration": "1s"}
+    path = Path(folder) / "fanout.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

@@ -19,13 +19,31 @@ from llm2clip.cluster.profile import TRAINING_STAGES, ClusterProfile, load_clust
 from llm2clip.cluster.task import PIPELINE_RUN_ENV, PROFILE_ENV
 from llm2clip.config import ConfigError, from_dict
 from llm2clip.stages import STAGES
-from pipelines.llm2clip_pipeline import RUN_ID_FIELD, launcher_pod
+from pipelines.llm2clip_pipeline import RUN_ID_FIELD, launcher_pod, merge_pod
 
 PROFILES = ("cpu", "gpu")
 
 
 # the eval-set ParallelFor runs these tasks with their stage's component, placed like that stage
 EVAL_VARIANTS = {"prepare_eval": "prepare_data", "embed_eval": "embed_captions"}
+# a stage with shard_groups > 1 (the gpu profile): a ParallelFor of group tasks placed like the
+# stage, and a merge task under the stage's name in a CPU pod of the stage's size
+GROUPS = {"prepare_data_group": "prepare_data", "embed_captions_group": "embed_captions"}
+LOOPED = {**EVAL_VARIANTS, **GROUPS}
+
+
+def expected_pod(cluster: ClusterProfile, name: str):
+    """The pod a task (a stage, an eval variant or a group task) must have under ``cluster``."""
+    settings = cluster.task(LOOPED.get(name, name))
+    if settings.launcher == "trainjob":
+        return launcher_pod(settings)
+    return merge_pod(settings) if name in STAGES and settings.shard_groups > 1 else settings
+
+
+def present(profile: str) -> list[str]:
+    """The tasks a profile's pipeline has: the stages, the eval variants and its group tasks."""
+    cluster = load_cluster_profile(profile)
+    return [*STAGES, *EVAL_VARIANTS, *(g for g, stage in GROUPS.items() if cluster.task(stage).shard_groups > 1)]
 
 
 def all_tasks(spec: dict) -> dict[str, dict]:
@@ -51,20 +69,17 @@ def test_compiled_yaml_parses_strictly(compiled, profile):
     json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())  # unknown fields raise ParseError
     platform_spec = json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
     executors = platform_spec.platforms["kubernetes"].deployment_spec.executors
-    assert len(executors) == len(STAGES) + len(EVAL_VARIANTS)
+    assert len(executors) == len(present(profile))
     for name, struct in executors.items():
         config = json_format.ParseDict(json_format.MessageToDict(struct), k8s_pb2.KubernetesExecutorConfig())
         assert config.image_pull_policy == "IfNotPresent", name
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("stage", [*STAGES, *EVAL_VARIANTS])
+@pytest.mark.parametrize(("profile", "stage"), [(p, s) for p in PROFILES for s in present(p)])
 def test_each_task_carries_its_profile(compiled, profile, stage):
     spec, platform = compiled[profile]
     cluster = load_cluster_profile(profile)
-    settings = cluster.task(EVAL_VARIANTS.get(stage, stage))
-    trainjob = settings.launcher == "trainjob"
-    pod = launcher_pod(settings) if trainjob else settings
+    pod = expected_pod(cluster, stage)
     task, container, k8s = task_settings(spec, platform, stage)
 
     resources = container["resources"]
@@ -80,11 +95,12 @@ def test_each_task_carries_its_profile(compiled, profile, stage):
     image = "gpu_image" if pod.gpu else "image"
     assert container["image"] == f"{{{{$.inputs.parameters['pipelinechannel--{image}']}}}}"
     channel = f"pipelinechannel--{image}"
-    if stage in EVAL_VARIANTS:  # inside the ParallelFor: the loop passes the pipeline's parameter in
+    if stage in LOOPED:  # inside a ParallelFor: the loop passes the pipeline's parameter in
         assert task["inputs"]["parameters"][channel] == {"componentInputParameter": channel}
-        (loop,) = [t for t in pipeline_tasks(spec).values() if channel in t["inputs"].get("parameters", {})
-                   and "parameterIterator" in t]
-        assert loop["inputs"]["parameters"][channel] == {"componentInputParameter": image}
+        loops = [t for t in pipeline_tasks(spec).values() if channel in t["inputs"].get("parameters", {})
+                 and "parameterIterator" in t
+                 and task in spec["components"][t["componentRef"]["name"]]["dag"]["tasks"].values()]
+        assert [loop["inputs"]["parameters"][channel] for loop in loops] == [{"componentInputParameter": image}]
     else:
         assert task["inputs"]["parameters"][channel] == {"componentInputParameter": image}
 
@@ -134,8 +150,9 @@ def test_cpu_training_tasks_run_in_their_pod(compiled, stage):
 
 def test_only_gpu_tasks_use_the_gpu_image(compiled):
     spec, platform = compiled["gpu"]
-    gpu_tasks = {stage for stage in STAGES if "gpu_image" in task_settings(spec, platform, stage)[1]["image"]}
-    assert gpu_tasks == {"embed_captions", "evaluate"}  # training runs on GPU nodes of its TrainJob
+    gpu_tasks = {name for name in present("gpu") if "gpu_image" in task_settings(spec, platform, name)[1]["image"]}
+    # training runs on GPU nodes of its TrainJob; embed_captions' merge loads no model (a CPU pod)
+    assert gpu_tasks == {"embed_captions_group", "embed_eval", "evaluate"}
     spec, platform = compiled["cpu"]
     assert not {stage for stage in STAGES if "gpu_image" in task_settings(spec, platform, stage)[1]["image"]}
 

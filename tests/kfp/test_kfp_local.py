@@ -2,7 +2,8 @@
 
 A real run of all six stages: ``python -m pipelines.local`` in a subprocess (SubprocessRunner,
 this venv) on tiny data and tiny models (tests/tiny_pipeline.py), MLflow tracking into a temp
-sqlite file.
+sqlite file. The run fans prepare_data and embed_captions out over 2 group tasks each (a cluster
+profile with ``shard_groups: 2``, ``--cluster``): what the stages write is still the CLI's.
 """
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kfp_helpers import REPO
+from kfp_helpers import REPO, fanout_profile
 from tiny_pipeline import write_tiny_params
 
 from llm2clip.stages import STAGES
@@ -39,7 +40,8 @@ def local_run(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     sets = small_overrides(uri)
     params = write_tiny_params(tmp)
-    proc = run_module(["pipelines.local", "--params", str(params),
+    cluster = fanout_profile(tmp, {"prepare_data": 2, "embed_captions": 2})
+    proc = run_module(["pipelines.local", "--params", str(params), "--cluster", str(cluster),
                        *[a for s in sets for a in ("--set", s)], "--pipeline-root", str(tmp / "lo")],
                       cwd=tmp)
     run_dir = tmp / "lo" / proc.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
@@ -55,7 +57,7 @@ def test_every_stage_output_has_a_manifest(local_run):
         for name, path in outputs.items():
             manifest = json.loads((path / "manifest.json").read_text())
             assert manifest["stage"] == stage, f"{stage}.{name}"
-    data = json.loads((run_dir / "prepare-data" / "data" / "manifest.json").read_text())
+    data = json.loads((run_dir / "prepare-data-merge" / "data" / "manifest.json").read_text())
     assert data["counts"]["train"] + data["counts"]["val"] > 0
     assert data["counts"]["seen"] == 48
     registration = json.loads((run_dir / "register" / "registration" / "registration.json").read_text())
@@ -68,7 +70,7 @@ def test_kfp_run_equals_a_cli_run(local_run, tmp_path):
     direct = tmp_path / "data"
     run_module(["llm2clip", "prepare_data", "--params", str(params),
                 *[a for s in sets for a in ("--set", s)], "--data", str(direct)], cwd=tmp_path)
-    kfp_manifest = json.loads((run_dir / "prepare-data" / "data" / "manifest.json").read_text())
+    kfp_manifest = json.loads((run_dir / "prepare-data-merge" / "data" / "manifest.json").read_text())
     cli_manifest = json.loads((direct / "manifest.json").read_text())
     assert kfp_manifest["shards"] == cli_manifest["shards"]
     assert kfp_manifest["config_hash"] == cli_manifest["config_hash"]
@@ -111,7 +113,7 @@ def test_artifacts_carry_metadata_and_evaluate_publishes_kfp_outputs(local_run):
     html = (run_dir / "evaluate" / "report_html").read_text()
     assert "<html" in html.lower() and "data:image/png;base64," in html
     assert "R@1" in (run_dir / "evaluate" / "report_markdown").read_text()
-    data = json.loads((run_dir / "prepare-data" / "executor_output.json").read_text())
+    data = json.loads((run_dir / "prepare-data-merge" / "executor_output.json").read_text())
     meta = data["artifacts"]["data"]["artifacts"][0]["metadata"]
     assert meta["stage"] == "prepare_data" and meta["counts.seen"] == 48
     register = json.loads((run_dir / "register" / "executor_output.json").read_text())
@@ -139,3 +141,16 @@ def test_the_eval_sets_run_in_the_parallel_for_and_evaluate_scores_each(local_ru
     assert "long.headline.mean_R_at_1" in metrics and "shapes.zeroshot_single.top1" in metrics
     groups = {c["group"] for c in json.loads((report / "paper_table.json").read_text())["columns"]}
     assert {"in-domain", "crosslingual"} <= groups
+
+
+def test_both_data_stages_fanned_out_over_two_group_tasks(local_run):
+    """Two group tasks per stage, each with its part; the merges' outputs are the stages' outputs
+    (the next tasks read them) and the embeddings hold every shard of the data."""
+    run_dir, _, _, _ = local_run
+    for task, stage in (("prepare-data-group", "prepare_data"), ("embed-captions-group", "embed_captions")):
+        parts = sorted(json.loads(p.read_text())["part"] for p in run_dir.glob(f"for-loop-*/{task}/*/part.json"))
+        assert parts == [0, 1], task
+    data = json.loads((run_dir / "prepare-data-merge" / "data" / "manifest.json").read_text())
+    embeddings = json.loads((run_dir / "embed-captions-merge" / "embeddings" / "manifest.json").read_text())
+    assert sorted(s["image_shard"] for split in embeddings["sidecars"].values() for s in split) == sorted(
+        s["name"] for split in data["shards"].values() for s in split)
