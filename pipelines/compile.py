@@ -23,14 +23,16 @@ DEFAULT_OUTPUT = Path("build/llm2clip_pipeline.yaml")
 log = logging.getLogger("pipelines.compile")
 
 
-def compile_pipeline(output: str | Path = DEFAULT_OUTPUT, cluster: str | Path = DEFAULT_PROFILE) -> Path:
-    """Write the pipeline placed by cluster profile ``cluster`` to ``output`` (folders are created).
+def compile_pipeline(output: str | Path = DEFAULT_OUTPUT, cluster: str | Path = DEFAULT_PROFILE,
+                     prepared: bool = False) -> Path:
+    """Write the pipeline placed by cluster profile ``cluster`` to ``output`` (folders are created);
+    ``prepared``: the variant that starts from a DVC-versioned prepared dataset.
 
     Raises:
         ConfigError: The cluster profile is missing or invalid.
     """
     output = Path(output)
-    pipeline = build_pipeline(load_cluster_profile(cluster))
+    pipeline = build_pipeline(load_cluster_profile(cluster), prepared=prepared)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, package_path=str(output))
     return output
@@ -43,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="IR YAML to write")
     parser.add_argument("--cluster", default=DEFAULT_PROFILE,
                         help="cluster profile: a name in params/cluster/ (cpu, gpu) or a YAML path")
+    parser.add_argument("--prepared", action="store_true",
+                        help="the variant that starts from a DVC-versioned prepared dataset (prepared_repo, "
+                        "prepared_path) instead of running prepare_data")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        path = compile_pipeline(args.output, args.cluster)
+        path = compile_pipeline(args.output, args.cluster, args.prepared)
     except ConfigError as err:
         log.error("cluster profile error: %s", err)
         return 2

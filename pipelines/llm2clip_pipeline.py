@@ -155,12 +155,83 @@ def _eval_sets(profile: ClusterProfile, eval_data: Any, images: dict[str, Any], 
     return dsl.Collected(data), dsl.Collected(embeddings)
 
 
-def build_pipeline(profile: ClusterProfile | None = None):
-    """The pipeline placed by ``profile`` (default ``params/cluster/cpu.yaml``)."""
+def _after_data(profile: ClusterProfile, sections: dict[str, Any], images: dict[str, Any], eval_data: Any,
+                data: Any) -> None:
+    """Every task after the prepared data: tuning, embedding, training, the eval sets, evaluate, register."""
+    encoder = _stage(profile, "caption_contrastive", sections, images, data=data).outputs["caption_encoder"]
+    embeddings = _data_stage(profile, "embed_captions", sections, images, data=data,
+                             caption_encoder=encoder).outputs["embeddings"]
+    model = _stage(profile, "train_vision", sections, images, data=data,
+                   embeddings=embeddings).outputs["vision_model"]
+    eval_sets, eval_embeddings = _eval_sets(profile, eval_data, images, encoder)
+    report = _stage(profile, "evaluate", sections, images, data=data, embeddings=embeddings,
+                    vision_model=model, eval_data=eval_sets,
+                    eval_embeddings=eval_embeddings).outputs["report"]
+    _stage(profile, "register", sections, images, vision_model=model, caption_encoder=encoder, report=report)
+
+
+def _imported_data(profile: ClusterProfile, common: Any, repo: Any, path: Any, images: dict[str, Any]) -> Any:
+    """The task that copies a DVC-versioned prepared dataset (at ``common.data_revision``), shown
+    as prepare_data and placed like it."""
+    from components.prepare_data.imported import prepare_data_import
+
+    task = prepare_data_import(common=common, repo=repo, path=path)
+    return _placed(task, merge_pod(profile.task("prepare_data")), profile, images, "prepare_data").outputs["data"]
+
+
+def build_pipeline(profile: ClusterProfile | None = None, prepared: bool = False):
+    """The pipeline placed by ``profile`` (default ``params/cluster/cpu.yaml``).
+
+    With ``prepared``, the pipeline starts from a prepared dataset that a git + DVC repository
+    versions (parameters ``prepared_repo``, ``prepared_path``; read at ``common.data_revision``)
+    instead of preparing one: it has no ``prepare_data`` parameter, and its first task copies and
+    checks that dataset (:func:`llm2clip.stages.prepare_data.run_import`).
+    """
     profile = profile or load_cluster_profile(DEFAULT_PROFILE)
     defaults = {flavor: image_tag(flavor, profile.image_repository) for flavor in ("cpu", "gpu")}
+    description = f"LLM2CLIP, cluster profile {profile.name}" + (", from a DVC-versioned prepared dataset"
+                                                                  if prepared else "")
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=f"LLM2CLIP, cluster profile {profile.name}")
+    if prepared:
+        @dsl.pipeline(name=PIPELINE_NAME, description=description)
+        def llm2clip_from_prepared(
+            common: dict,
+            caption_contrastive: dict,
+            embed_captions: dict,
+            train_vision: dict,
+            evaluate: dict,
+            register: dict,
+            prepared_repo: str,
+            prepared_path: str = "data/prepared",
+            eval_data: list = [],  # noqa: B006 (KFP reads the default from the signature; never mutated)
+            image: str = defaults["cpu"],
+            gpu_image: str = defaults["gpu"],
+        ) -> None:
+            """LLM2CLIP from a prepared dataset versioned by DVC.
+
+            Args:
+                common: The ``common`` params section; ``data_revision`` names the revision read.
+                caption_contrastive: The ``caption_contrastive`` section.
+                embed_captions: The ``embed_captions`` section.
+                train_vision: The ``train_vision`` section.
+                evaluate: The ``evaluate`` section.
+                register: The ``register`` section.
+                prepared_repo: The git + DVC repository (URL or path) that versions the dataset.
+                prepared_path: Its folder in the repository (a prepare_data output).
+                eval_data: One item per evaluation set (see the main pipeline).
+                image: Image of CPU tasks.
+                gpu_image: Image of GPU tasks.
+            """
+            sections = {"common": common, "caption_contrastive": caption_contrastive,
+                        "embed_captions": embed_captions, "train_vision": train_vision, "evaluate": evaluate,
+                        "register": register}
+            images = {"cpu": image, "gpu": gpu_image}
+            data = _imported_data(profile, common, prepared_repo, prepared_path, images)
+            _after_data(profile, sections, images, eval_data, data)
+
+        return llm2clip_from_prepared
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=description)
     def llm2clip_pipeline(
         common: dict,
         prepare_data: dict,
@@ -195,16 +266,7 @@ def build_pipeline(profile: ClusterProfile | None = None):
                     "register": register}
         images = {"cpu": image, "gpu": gpu_image}
         data = _data_stage(profile, "prepare_data", sections, images).outputs["data"]
-        encoder = _stage(profile, "caption_contrastive", sections, images, data=data).outputs["caption_encoder"]
-        embeddings = _data_stage(profile, "embed_captions", sections, images, data=data,
-                                 caption_encoder=encoder).outputs["embeddings"]
-        model = _stage(profile, "train_vision", sections, images, data=data,
-                       embeddings=embeddings).outputs["vision_model"]
-        eval_sets, eval_embeddings = _eval_sets(profile, eval_data, images, encoder)
-        report = _stage(profile, "evaluate", sections, images, data=data, embeddings=embeddings,
-                        vision_model=model, eval_data=eval_sets,
-                        eval_embeddings=eval_embeddings).outputs["report"]
-        _stage(profile, "register", sections, images, vision_model=model, caption_encoder=encoder, report=report)
+        _after_data(profile, sections, images, eval_data, data)
 
     return llm2clip_pipeline
 
@@ -217,12 +279,15 @@ SECTIONS = ("common", "prepare_data", "caption_contrastive", "embed_captions", "
 """The pipeline parameters that are params.yaml sections (the others are the images)."""
 
 
-def pipeline_arguments(params: Params, images: dict[str, str] | None = None) -> dict[str, Any]:
+def pipeline_arguments(params: Params, images: dict[str, str] | None = None,
+                       prepared: tuple[str, str] | None = None) -> dict[str, Any]:
     """The pipeline's arguments: one plain JSON-able dict per section, plus image overrides.
 
     Args:
         params: Validated params.
         images: Optional ``{"image": tag, "gpu_image": tag}``; absent keys keep the defaults.
+        prepared: ``(repo, path)`` of a DVC-versioned prepared dataset: the arguments of
+            ``build_pipeline(prepared=True)`` (no ``prepare_data`` section).
 
     Raises:
         RuntimeError: The pipeline takes a section that ``Params`` does not have.
@@ -236,6 +301,9 @@ def pipeline_arguments(params: Params, images: dict[str, str] | None = None) -> 
     unknown = sorted(set(images or {}) - {"image", "gpu_image"})
     if unknown:
         raise RuntimeError(f"unknown image parameters {unknown}: image, gpu_image")
+    if prepared:
+        del arguments["prepare_data"]
+        arguments |= {"prepared_repo": prepared[0], "prepared_path": prepared[1]}
     return arguments | {k: v for k, v in (images or {}).items() if v}
 
 
@@ -250,6 +318,21 @@ def data_revision_override(revision: str | None) -> list[str]:
     the cached tasks, so pin a commit (``git rev-parse``) or pass ``--no-cache``.
     """
     return [f"common.data_revision={json.dumps(revision)}"] if revision else []
+
+
+def prepared_dataset(repo: str | None, path: str, params: Params) -> tuple[str, str] | None:
+    """``(repo, path)`` of ``--prepared-repo``/``--prepared-path`` (None without a repo).
+
+    Raises:
+        ConfigError: a repository but no ``common.data_revision`` to read it at.
+    """
+    if not repo:
+        return None
+    if not params.common.data_revision:
+        from llm2clip.config import ConfigError
+
+        raise ConfigError("--prepared-repo needs --data-revision: the revision of the prepared dataset to start from")
+    return repo, path
 
 
 def eval_data_items(params: Params) -> list[dict[str, Any]]:

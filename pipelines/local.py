@@ -34,6 +34,7 @@ from pipelines.llm2clip_pipeline import (
     data_revision_override,
     llm2clip_pipeline,
     pipeline_arguments,
+    prepared_dataset,
 )
 
 log = logging.getLogger("pipelines.local")
@@ -45,12 +46,15 @@ def local_run_id() -> str:
 
 
 def run_local(params: Params, pipeline_root: str | Path = "local_outputs", run_id: str | None = None,
-              cluster: str | Path | None = None, cache: bool = False) -> Path:
+              cluster: str | Path | None = None, cache: bool = False,
+              prepared: tuple[str, str] | None = None) -> Path:
     """Run the pipeline with ``params`` under ``kfp.local``; returns this run's output folder.
 
     Args:
         cluster: A cluster profile (name or file) whose DAG shape to run (its fan-outs).
         cache: Reuse the outputs of tasks that ran before with the same inputs.
+        prepared: ``(repo, path)``: start from that DVC-versioned prepared dataset (read at
+            ``common.data_revision``) instead of running prepare_data.
 
     Raises:
         RuntimeError: A task failed (kfp.local logs the task's output first).
@@ -60,7 +64,8 @@ def run_local(params: Params, pipeline_root: str | Path = "local_outputs", run_i
 
     from llm2clip.cluster.profile import load_cluster_profile
 
-    pipeline = build_pipeline(load_cluster_profile(cluster)) if cluster else llm2clip_pipeline
+    pipeline = (build_pipeline(load_cluster_profile(cluster) if cluster else None, prepared=bool(prepared))
+                if cluster or prepared else llm2clip_pipeline)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=cache)
@@ -71,7 +76,7 @@ def run_local(params: Params, pipeline_root: str | Path = "local_outputs", run_i
         previous = os.environ.get(PIPELINE_RUN_ENV)
         os.environ[PIPELINE_RUN_ENV] = run_id or local_run_id()  # the task subprocesses inherit it
         try:
-            pipeline(**pipeline_arguments(params))
+            pipeline(**pipeline_arguments(params, prepared=prepared))
         finally:
             if previous is None:
                 os.environ.pop(PIPELINE_RUN_ENV, None)
@@ -83,10 +88,13 @@ def run_local(params: Params, pipeline_root: str | Path = "local_outputs", run_i
 
 def stage_outputs(run_dir: Path) -> dict[str, dict[str, Path]]:
     """``{stage: {output name: directory}}`` of one local run (task folders use dashes; a stage
-    that fanned out has its outputs in its merge task's folder)."""
-    def folder(stage: str) -> Path:
-        plain, merge = run_dir / stage.replace("_", "-"), run_dir / f"{stage.replace('_', '-')}-merge"
-        return merge if merge.is_dir() and not plain.is_dir() else plain
+    that fanned out has its outputs in its merge task's folder, prepared data imported from DVC
+    in the import task's)."""
+    def folder(stage: str) -> Path:  # the stage's own task, its fan-out's merge, or the prepared data's import
+        plain = run_dir / stage.replace("_", "-")
+        found = [f for f in (plain, plain.with_name(f"{plain.name}-merge"), plain.with_name(f"{plain.name}-import"))
+                 if f.is_dir()]
+        return found[0] if found else plain
 
     return {stage: {name: folder(stage) / name for name in spec.outputs} for stage, spec in STAGES.items()}
 
@@ -107,16 +115,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="cluster profile whose DAG shape to run (e.g. its shard_groups fan-outs); "
                         "pod settings do not apply locally")
     parser.add_argument("--cache", action="store_true", help="reuse task outputs of earlier runs (kfp.local cache)")
+    parser.add_argument("--prepared-repo", metavar="REPO",
+                        help="start from the prepared dataset this git + DVC repository versions (at --data-revision)")
+    parser.add_argument("--prepared-path", default="data/prepared", metavar="PATH",
+                        help="the dataset's folder in --prepared-repo (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         params = load_params(args.params, args.overrides + data_revision_override(args.data_revision))
+        prepared = prepared_dataset(args.prepared_repo, args.prepared_path, params)
     except ConfigError as err:
         log.error("configuration error: %s", err)
         return 2
     try:
-        run_dir = run_local(params, args.pipeline_root, cluster=args.cluster, cache=args.cache)
+        run_dir = run_local(params, args.pipeline_root, cluster=args.cluster, cache=args.cache, prepared=prepared)
     except ConfigError as err:
         log.error("configuration error: %s", err)
         return 2

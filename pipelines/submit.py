@@ -70,7 +70,13 @@ from llm2clip.cluster.profile import ClusterProfile, check_fit, load_cluster_pro
 from llm2clip.config import ConfigError, load_params
 from llm2clip.tracking import git_revision
 from pipelines.compile import compile_pipeline
-from pipelines.llm2clip_pipeline import DEFAULT_PROFILE, PIPELINE_NAME, data_revision_override, pipeline_arguments
+from pipelines.llm2clip_pipeline import (
+    DEFAULT_PROFILE,
+    PIPELINE_NAME,
+    data_revision_override,
+    pipeline_arguments,
+    prepared_dataset,
+)
 
 log = logging.getLogger("pipelines.submit")
 
@@ -105,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="git revision of the DVC-tracked data (common.data_revision): dvc sources without a "
                       "rev read at it; every task records it in MLflow and the registered model in a tag. Pin a "
                       "commit: KFP caches by the name, so a moved branch would reuse cached tasks")
+    what.add_argument("--prepared-repo", metavar="REPO",
+                      help="start from the prepared dataset this git + DVC repository versions (at "
+                      "--data-revision) instead of running prepare_data")
+    what.add_argument("--prepared-path", default="data/prepared", metavar="PATH",
+                      help="the dataset's folder in --prepared-repo (default: %(default)s)")
     what.add_argument("--cluster", default=DEFAULT_PROFILE, metavar="cpu|gpu|PATH",
                       help="cluster profile: a name in params/cluster/ or a YAML path (default: %(default)s)")
     what.add_argument("--image", help="image of CPU tasks (default: this source tree's -cpu tag)")
@@ -321,10 +332,11 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Plan:
     profile = load_cluster_profile(args.cluster)
     check_fit(profile, params)
     try:
-        arguments = pipeline_arguments(params, {"image": args.image, "gpu_image": args.gpu_image})
+        arguments = pipeline_arguments(params, {"image": args.image, "gpu_image": args.gpu_image},
+                                       prepared_dataset(args.prepared_repo, args.prepared_path, params))
     except RuntimeError as err:
         raise ConfigError(str(err)) from err
-    package = compile_pipeline(workdir / "llm2clip_pipeline.yaml", args.cluster)
+    package = compile_pipeline(workdir / "llm2clip_pipeline.yaml", args.cluster, bool(args.prepared_repo))
     if args.no_cache:
         disable_caching(package)
     if not args.pipeline_root and any(t.gpu or t.launcher == "trainjob" for t in profile.tasks.values()):

@@ -154,3 +154,21 @@ def _read_text(folder: str, name: str, endpoint_url: str) -> str:
         raise FileNotFoundError(f"{path}: evaluate wrote no {name}")
     return path.read_text()
 
+
+
+def run_import_task(common: dict, repo: str, path: str, data: Any) -> dict[str, Any]:
+    """A pipeline started from a DVC-versioned prepared dataset: copy it into ``data`` and describe
+    it (its manifest's scalars and where it came from) in the artifact's metadata."""
+    from llm2clip.config import load_sections
+    from llm2clip.stages import output_metadata
+    from llm2clip.stages.prepare_data import run_import
+
+    _, common_cfg = load_sections("prepare_data", common, {})
+    where = location(data)
+    lineage = run_import(common_cfg, repo=repo, path=path, data=where,
+                         pipeline_run_id=os.environ.get(PIPELINE_RUN_ENV, ""))
+    if where != data.path:
+        _mirror_manifest(where, Path(data.path), common_cfg.s3_endpoint_url)
+    metadata = output_metadata(where, common_cfg.s3_endpoint_url) | {f"prepared.{k}": v for k, v in lineage.items()}
+    data.metadata.update(metadata)
+    return metadata

@@ -185,3 +185,42 @@ def _shard(fs: Any, src: DvcSource, name: str, tmp: str, common: CommonConfig) -
             yield _relabel(sample, local, f"{_shown(src)}/{name}")
     finally:
         Path(local).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------- a prepared dataset
+
+
+def fetch_prepared(repo: str, path: str, rev: str, out: Path) -> dict[str, str]:
+    """Copy the prepare_data output that ``repo`` tracks at ``path`` (``dvc add`` or a ``dvc.yaml``
+    out) at revision ``rev`` into the empty local folder ``out``, and check it is one: its
+    manifest is a prepare_data manifest and every shard's sha256 is the manifest's.
+
+    Returns:
+        The lineage: ``{repo, rev, commit, path}``.
+
+    Raises:
+        StageError: no revision, a repository/revision/path that cannot be read, data not pushed,
+            or a folder that is not a complete, intact prepare_data output.
+    """
+    from dvc.exceptions import DvcException
+
+    from llm2clip.data.shards import load_manifest, verify_shards
+
+    where = f"prepared data {repo}:{path}"
+    if not rev:
+        raise StageError(f"{where}: no revision to read at: set common.data_revision (--data-revision); a work "
+                         "tree is never read")
+    src = DvcSource(name="prepared", repo=repo, path=path, inner=ManifestSource(name="prepared", path="-"))
+    with _repo(src, rev) as (fs, commit):
+        if not _isdir(fs, _root(src) or "/"):
+            raise StageError(f"{where}: {path} is not a folder of the repository at {rev} (commit {commit})")
+        try:
+            fs.get(_root(src) or "/", str(out), recursive=True)
+        except (DvcException, OSError) as err:
+            raise _fetch_error(replace(src, rev=commit), path, err) from None
+    try:
+        verify_shards(str(out), load_manifest(str(out)))
+    except StageError as err:
+        raise StageError(f"{where} at {rev} (commit {commit}) is not a usable prepare_data output: {err}") from None
+    log.info("prepared data: %s at %s = commit %s, path %s", repo, rev, commit, path)
+    return {"repo": repo, "rev": rev, "commit": commit, "path": path}

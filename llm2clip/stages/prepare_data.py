@@ -229,3 +229,46 @@ def run_part(
              part, parts, len(mine), reused, samples, kept, seconds, data_part)
     return PartResult(data_part=str(data_part), part=part, parts=parts, groups=len(mine), reused=reused,
                       samples=samples, kept=kept, seconds=seconds)
+
+
+def run_import(common: CommonConfig, *, repo: str, path: str, data: str, pipeline_run_id: str = "") -> dict[str, Any]:
+    """Start from a prepared dataset instead of preparing again: copy the prepare_data output that
+    the git + DVC repository ``repo`` tracks at ``path``, at ``common.data_revision``, into
+    ``data`` (checked: a prepare_data manifest whose every shard verifies), byte for byte, so
+    later stages' lineage checks see the output that was versioned. The MLflow run records the
+    revision and where the data came from (tags ``llm2clip.prepared_from``, ``llm2clip.prepared_commit``).
+
+    Returns:
+        The lineage ``{repo, rev, commit, path}``.
+
+    Raises:
+        StageError: see :func:`llm2clip.data.dvc_source.fetch_prepared`.
+    """
+    import shutil
+    import tempfile
+
+    from llm2clip.data.dvc_source import fetch_prepared
+    from llm2clip.io import upload_dir
+
+    with tracking.stage_run("prepare_data", PrepareDataConfig(), common, inputs={},
+                            pipeline_run_id=pipeline_run_id) as tracker:
+        invalidate(data, common.s3_endpoint_url)
+        staging = Path(tempfile.mkdtemp(prefix="llm2clip-prepared-"))
+        try:
+            lineage = fetch_prepared(repo, path, common.data_revision, staging / "data")
+            if "://" in str(data):
+                upload_dir(staging / "data", str(data), common.s3_endpoint_url)
+            else:  # every file in place, manifest.json last: the output reads complete only at the end
+                target = Path(data)
+                target.mkdir(parents=True, exist_ok=True)
+                files = sorted((p for p in (staging / "data").rglob("*") if p.is_file()),
+                               key=lambda p: p.name == "manifest.json")
+                for file in files:
+                    (target / file.relative_to(staging / "data")).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(file, target / file.relative_to(staging / "data"))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        tracker.set_tags({"llm2clip.prepared_from": f"{repo}:{path}", "llm2clip.prepared_commit": lineage["commit"]})
+    log.info("prepare_data: imported %s:%s at %s (commit %s) -> %s", repo, path, lineage["rev"], lineage["commit"],
+             data)
+    return lineage

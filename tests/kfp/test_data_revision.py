@@ -1,10 +1,14 @@
-"""A kfp.local run started from a data revision: the pipeline reads a DVC-tracked source at that
-revision, every stage's MLflow run records it, and so does the registered model version.
+"""A kfp.local run started from a DVC-versioned prepared dataset at a data revision: the pipeline
+copies that prepare_data output instead of preparing again, every stage's MLflow run records the
+revision, and so does the registered model version.
 
-The whole pipeline on the tiny profile (tests/tiny_pipeline.py) with one evaluation set, its one
-training source a ``dvc`` source without a ``rev`` on the test's git + DVC repository (tests/dvc_data_repo.py:
-tags v1 and v2, captions prefixed with their tag), started with ``--data-revision v1``. Tracking
-goes to a real MLflow server (tests/conftest.py), read back through MlflowClient.
+The test's git + DVC repository (tests/dvc_data_repo.py: tags v1 and v2, captions prefixed with
+their tag) gets a third commit, ``prepared-v1``, that tracks (``dvc add``) the prepare_data output
+of its ``data/photos`` read at v1 through a ``dvc`` source. The whole pipeline on the tiny profile
+(tests/tiny_pipeline.py) with one evaluation set then runs with ``--data-revision prepared-v1
+--prepared-repo <repo>``. Tracking goes to a real MLflow server (tests/conftest.py), read back
+through MlflowClient. (The ``dvc`` source itself, at a revision, is tested in
+tests/unit/data/test_dvc_source.py.)
 """
 
 import json
@@ -14,7 +18,7 @@ import sys
 
 import pytest
 import yaml
-from dvc_data_repo import make_data_repo
+from dvc_data_repo import BIN, make_data_repo, sh
 from kfp_helpers import REPO
 from tiny_pipeline import tiny_params
 
@@ -24,40 +28,63 @@ MODEL = "llm2clip-data-revision"
 EXPERIMENT = "data-revision"
 
 
+def version_prepared_data(repo, params: dict) -> str:
+    """Prepare ``data/photos`` at v1 into ``data/prepared``, track it with DVC, commit and tag it
+    ``prepared-v1``; returns the commit."""
+    from llm2clip.config import load_sections
+    from llm2clip.stages import prepare_data
+
+    section = {**params["prepare_data"], "sources": [{
+        "kind": "dvc", "name": "photos", "repo": str(repo), "path": "data/photos", "rev": "v1",
+        "inner": {"kind": "manifest", "path": "manifest.csv", "caption_columns": {"short": "short", "dense": "dense"}},
+    }]}
+    cfg, common = load_sections("prepare_data", {**params["common"], "tracking": False}, section)
+    prepare_data.run(cfg, common, data=str(repo / "data" / "prepared"))
+    sh([str(BIN / "dvc"), "add", "-q", "data/prepared"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "prepared data of v1"], repo)
+    sh(["git", "tag", "prepared-v1"], repo)
+    return sh(["git", "rev-parse", "HEAD"], repo).strip()
+
+
 @pytest.fixture(scope="module")
 def revision_run(tmp_path_factory, mlflow_server):
-    """One kfp.local run with ``--data-revision v1``; yields (run dir, commits of the data repo)."""
+    """One kfp.local run from the prepared data at ``prepared-v1``; yields (run dir, commits of the data repo)."""
     tmp = tmp_path_factory.mktemp("data_revision")
     commits = make_data_repo(tmp / "data-repo", count=48)
     params = tiny_params(tmp)
     params["common"].update(tracking=True, tracking_uri=mlflow_server, experiment=EXPERIMENT, registered_model=MODEL)
-    params["prepare_data"]["sources"] = [{
-        "kind": "dvc", "name": "photos", "repo": str(tmp / "data-repo"), "path": "data/photos",
-        "inner": {"kind": "manifest", "path": "manifest.csv", "caption_columns": {"short": "short", "dense": "dense"}},
-    }]
+    commits["prepared-v1"] = version_prepared_data(tmp / "data-repo", params)
     # one small evaluation set (kfp.local cannot collect an empty ParallelFor)
     params["eval_data"] = {"scenes_long": params["eval_data"]["scenes_long"]}
     params["evaluate"]["eval_sets"] = [s for s in params["evaluate"]["eval_sets"] if s["name"] in ("val", "long")]
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # components/ and pipelines/ are not installed
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.local", "--params", str(tmp / "params.yaml"), "--data-revision", "v1",
-         "--pipeline-root", str(tmp / "lo")], cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
+        [sys.executable, "-m", "pipelines.local", "--params", str(tmp / "params.yaml"), "--data-revision",
+         "prepared-v1", "--prepared-repo", str(tmp / "data-repo"), "--pipeline-root", str(tmp / "lo")],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"pipelines.local failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     run_dir = tmp / "lo" / proc.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
     return run_dir, commits
 
 
-def test_prepare_data_read_the_dvc_source_at_the_data_revision(revision_run):
+def test_the_run_started_from_the_versioned_prepared_data(revision_run):
     from llm2clip.data.shards import iter_samples
 
-    run_dir, _ = revision_run
-    data = str(run_dir / "prepare-data" / "data")
-    manifest = json.loads((run_dir / "prepare-data" / "data" / "manifest.json").read_text())
-    assert manifest["counts"]["seen"] == 48  # v2 has 47 scenes
-    _, commits = revision_run
-    lineage = manifest["lineage"]["photos"]  # what the dvc source read: the commit v1 named at run time
+    run_dir, commits = revision_run
+    assert not (run_dir / "prepare-data").exists()  # nothing was prepared again
+    folder = run_dir / "prepare-data-import" / "data"
+    data = str(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    versioned = subprocess.run(["git", "show", "prepared-v1:data/prepared.dvc"], cwd=run_dir.parents[1] / "data-repo",
+                               capture_output=True, text=True, check=True).stdout
+    assert "md5:" in versioned and manifest["counts"]["seen"] == 48  # v2 has 47 scenes
+    lineage = manifest["lineage"]["photos"]  # what prepared it: the dvc source at v1
     assert (lineage["rev"], lineage["commit"], lineage["path"]) == ("v1", commits["v1"], "data/photos")
+    executor = json.loads((run_dir / "prepare-data-import" / "executor_output.json").read_text())
+    meta = executor["artifacts"]["data"]["artifacts"][0]["metadata"]
+    assert (meta["prepared.rev"], meta["prepared.commit"]) == ("prepared-v1", commits["prepared-v1"])
     samples = [s for split in ("train", "val") for s in iter_samples(data, split, decode=False)]
     assert len(samples) == manifest["counts"]["train"] + manifest["counts"]["val"] > 0
     prefixes = {caption.split(" ", 1)[0] for s in samples for captions in s.captions.values() for caption in captions}
@@ -72,11 +99,14 @@ def test_every_stage_run_and_the_registered_version_record_the_data_revision(rev
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`llm2clip.stage` != 'pipeline'")
     assert {r.data.tags["llm2clip.stage"] for r in runs} == set(STAGES)  # the eval set's tasks too
-    assert {r.data.tags.get("llm2clip.data_revision") for r in runs} == {"v1"}
+    assert {r.data.tags.get("llm2clip.data_revision") for r in runs} == {"prepared-v1"}
+    _, commits = revision_run
+    assert {r.data.tags.get("llm2clip.prepared_commit") for r in runs if r.data.tags.get("llm2clip.prepared_from")
+            } == {commits["prepared-v1"]}  # the import's run
     registration = json.loads((run_dir / "register" / "registration" / "registration.json").read_text())
     version = client.get_model_version(MODEL, registration["version"])
-    assert version.tags["data_revision"] == "v1"
-    assert client.get_model_version_by_alias(MODEL, "champion").tags["data_revision"] == "v1"
+    assert version.tags["data_revision"] == "prepared-v1"
+    assert client.get_model_version_by_alias(MODEL, "champion").tags["data_revision"] == "prepared-v1"
 
 
 def test_the_flag_sets_common_data_revision_as_a_string_for_every_task(tmp_path, caplog):

@@ -85,3 +85,19 @@ def test_part_numbers_are_checked():
     for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
         with pytest.raises(ValueError, match="part"):
             parts.parse_part(bad)
+
+
+def test_the_cli_runs_a_group_task_and_a_merge(mixed, tmp_path, caplog):
+    from llm2clip.cli import main
+    from llm2clip.config import to_dict
+
+    sections = ["--common-json", json.dumps(to_dict(COMMON)), "--config-json", json.dumps(to_dict(replace(mixed,
+                                                                                                        workers=1)))]
+    folders = [str(tmp_path / f"p{g}") for g in range(2)]
+    for g, folder in enumerate(folders):
+        assert main(["prepare_data", *sections, "--part", f"{g}/2", "--data", folder]) == 0
+    assert main(["prepare_data", *sections, "--parts", *folders, "--data", str(tmp_path / "out")]) == 0
+    assert output_sums(tmp_path / "out") == GOLDEN_MIXED
+    caplog.clear()
+    assert main(["prepare_data", *sections, "--parts", folders[0], "--data", str(tmp_path / "bad")]) == 2
+    assert "part 0 of 2, but the merge got 1 parts" in caplog.text  # one line, no traceback
