@@ -47,14 +47,7 @@ from llm2clip.config import CommonConfig, ManifestSource, PrepareDataConfig, Sou
 from llm2clip.data.pool import LogLine, captured_logs, muted, worker_count
 from llm2clip.data.records import RawSample, SampleRejected
 from llm2clip.data.shards import ShardWriter, encode_meta, shard_entry
-from llm2clip.data.sources import (
-    _group_sample,  # noqa: PLC2701 (one merged manifest row -> its sample; see manifest_samples)
-    _manifest_rows,  # noqa: PLC2701
-    expand_urls,
-    iter_webdataset,
-    merge_rows,
-    open_source,
-)
+from llm2clip.data.sources import entry_sample, expand_urls, iter_webdataset, open_source, parse_manifest
 from llm2clip.data.validate import validate_sample
 from llm2clip.io import StageError, atomic_write_text, is_remote, s3_filesystem
 
@@ -149,7 +142,7 @@ def manifest_entries(src: ManifestSource, endpoint_url: str) -> list:
     """The merged rows of a manifest (:func:`~llm2clip.data.sources.merge_rows`), parsed once per process."""
     key = json.dumps([to_dict(src), endpoint_url], sort_keys=True)
     if key not in _PARSED:
-        _PARSED[key] = merge_rows(src, _manifest_rows(src, endpoint_url))
+        _PARSED[key] = parse_manifest(src, endpoint_url)
     return _PARSED[key]
 
 
@@ -162,7 +155,7 @@ def manifest_samples(src: ManifestSource, endpoint_url: str, start: int, stop: i
     """Samples ``start``..``stop`` of a manifest, exactly as ``iter_manifest`` yields them; only
     their images are read (the manifest is parsed now, the images as the samples are iterated)."""
     entries = manifest_entries(src, endpoint_url)[start:stop]
-    return (e if isinstance(e, RawSample) else _group_sample(src, e, endpoint_url) for e in entries)
+    return (entry_sample(src, e, endpoint_url) for e in entries)
 
 
 def _escape(url: str) -> str:

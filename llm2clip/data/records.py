@@ -1,9 +1,9 @@
 """The records that flow through prepare_data: raw samples in, kept samples and rejections out.
 
 A source yields :class:`RawSample` objects (image bytes or a PIL image, raw caption values).
-Validation turns each into a :class:`SampleRecord` (kept; the re-encoded jpg lives in a spill
-file) or a :class:`Rejection` (one line of ``quarantine.jsonl``, with a reason code from
-:data:`REASONS`).
+Validation turns each into a :class:`SampleRecord` (kept; its re-encoded jpg goes into the
+group's intermediate tar, :mod:`llm2clip.data.groups`) or a :class:`Rejection` (one line of
+``quarantine.jsonl``, with a reason code from :data:`REASONS`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class RawSample:
 
 @dataclass
 class SampleRecord:
-    """A sample that passed validation; its jpg bytes are at ``offset`` in the spill file."""
+    """A sample that passed validation (its re-encoded jpg travels apart from it: in a group tar)."""
 
     key: str
     source: str
@@ -126,8 +126,6 @@ class SampleRecord:
     orig_height: int
     pixel_hash: str
     caption_hash: str
-    offset: int = 0
-    length: int = 0
     split: str = ""
 
     def meta(self, caption_fields: tuple[str, ...]) -> dict[str, Any]:

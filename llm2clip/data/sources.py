@@ -776,6 +776,21 @@ def _group_sample(src: ManifestSource, group: _Group, endpoint_url: str) -> RawS
     return sample
 
 
+def parse_manifest(src: ManifestSource, endpoint_url: str = "") -> list:
+    """A manifest's rows merged by key (:func:`merge_rows`), images not read yet: each entry is a
+    sample to be (:func:`entry_sample`) or an already rejected :class:`RawSample`.
+
+    Raises:
+        StageError: see :func:`_manifest_rows`.
+    """
+    return merge_rows(src, _manifest_rows(src, endpoint_url))
+
+
+def entry_sample(src: ManifestSource, entry: Any, endpoint_url: str = "") -> RawSample:
+    """The sample of one :func:`parse_manifest` entry, its image read now."""
+    return entry if isinstance(entry, RawSample) else _group_sample(src, entry, endpoint_url)
+
+
 def iter_manifest(src: ManifestSource, endpoint_url: str = "") -> Iterator[RawSample]:
     """Samples of a CSV/JSONL manifest plus an image folder (local or ``s3://``).
 
@@ -785,5 +800,5 @@ def iter_manifest(src: ManifestSource, endpoint_url: str = "") -> Iterator[RawSa
     Raises:
         StageError: see :func:`_manifest_rows`.
     """
-    for entry in merge_rows(src, _manifest_rows(src, endpoint_url)):
-        yield entry if isinstance(entry, RawSample) else _group_sample(src, entry, endpoint_url)
+    for entry in parse_manifest(src, endpoint_url):
+        yield entry_sample(src, entry, endpoint_url)

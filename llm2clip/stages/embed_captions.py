@@ -313,7 +313,8 @@ def run_part(cfg: EmbedCaptionsConfig, common: CommonConfig, *, data: str, capti
     mine, texts = _share(inputs.manifest, prompts, len(common.caption_fields), part, parts)
     with output_dir(embeddings_part, endpoint) as out:
         sidecars.clean_output(out, mine)
-        shards = {split: [e for e in entries if e["name"] in mine] for split, entries in inputs.manifest["shards"].items()}
+        shards = {split: [e for e in entries if e["name"] in mine]
+                  for split, entries in inputs.manifest["shards"].items()}
         jobs, kept = embed.plan_jobs(out, data, {**inputs.manifest, "shards": shards}, inputs.identity)
         log.info("embed_captions: group part %d of %d: %d of %d image shards%s (%d kept from an earlier run)",
                  part, parts, len(mine), len(_shard_entries(inputs.manifest)),

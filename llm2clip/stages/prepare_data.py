@@ -34,7 +34,8 @@ from typing import Any
 from llm2clip import tracking
 from llm2clip.config import CommonConfig, PrepareDataConfig
 from llm2clip.contracts import write_manifest
-from llm2clip.data import collect, groups, parts as fanout, pool, quality, report
+from llm2clip.data import collect, groups, pool, quality, report
+from llm2clip.data import parts as fanout
 from llm2clip.data.shards import invalidate, run_splits
 from llm2clip.data.sources import check_caption_mapping
 from llm2clip.io import output_dir

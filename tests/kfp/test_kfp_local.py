@@ -147,7 +147,7 @@ def test_both_data_stages_fanned_out_over_two_group_tasks(local_run):
     """Two group tasks per stage, each with its part; the merges' outputs are the stages' outputs
     (the next tasks read them) and the embeddings hold every shard of the data."""
     run_dir, _, _, _ = local_run
-    for task, stage in (("prepare-data-group", "prepare_data"), ("embed-captions-group", "embed_captions")):
+    for task in ("prepare-data-group", "embed-captions-group"):
         parts = sorted(json.loads(p.read_text())["part"] for p in run_dir.glob(f"for-loop-*/{task}/*/part.json"))
         assert parts == [0, 1], task
     data = json.loads((run_dir / "prepare-data-merge" / "data" / "manifest.json").read_text())
