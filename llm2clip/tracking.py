@@ -33,7 +33,7 @@ CLUSTER_RUN_ENV = ("KFP_POD_NAME", "LLM2CLIP_ON_CLUSTER")
 """Set inside a cluster run: KFP's backend sets ``KFP_POD_NAME`` on every task pod, the TrainJob
 launcher sets ``LLM2CLIP_ON_CLUSTER=1`` on every node."""
 ALLOW_LOCAL_ENV = "LLM2CLIP_ALLOW_LOCAL_TRACKING"
-MLFLOW_SECRET = "llm2clip-mlflow"
+MLFLOW_SECRET = "llm2clip-mlflow"  # nosec B105  # the name of a Kubernetes Secret, not a secret
 
 
 class TrackingError(StageError):
@@ -66,11 +66,11 @@ def git_revision() -> str:
     if rev := os.environ.get("LLM2CLIP_GIT_REV"):
         return rev
     try:
-        out = subprocess.run(
+        out = subprocess.run(  # nosec B607  # git from PATH, fixed arguments, no shell
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
             text=True, timeout=10, check=True,
         )
-        dirty = subprocess.run(
+        dirty = subprocess.run(  # nosec B607  # git from PATH, fixed arguments, no shell
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
             capture_output=True, text=True, timeout=10, check=True,
         )

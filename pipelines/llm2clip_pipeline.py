@@ -70,7 +70,8 @@ def apply_profile(task: dsl.PipelineTask, pod: TaskProfile, profile: ClusterProf
         kubernetes.add_toleration(task, key=toleration.key or None, operator=toleration.operator,
                                   value=toleration.value or None, effect=toleration.effect or None)
     if pod.shm_size:
-        kubernetes.empty_dir_mount(task, SHM_VOLUME, "/dev/shm", medium="Memory", size_limit=pod.shm_size)
+        kubernetes.empty_dir_mount(task, SHM_VOLUME, "/dev/shm", medium="Memory",  # nosec B108  # an emptyDir mount
+                                   size_limit=pod.shm_size)
     if pod.timeout_s:
         kubernetes.set_timeout(task, pod.timeout_s)
     if pod.retries:

@@ -131,7 +131,8 @@ def check_weights(root: Path, weights: list[str]) -> tuple[Any, dict[str, str]]:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModel, LlamaConfig
 
-    config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    # a local snapshot: local_files_only, nothing to pin
+    config = AutoConfig.from_pretrained(root, trust_remote_code=False, local_files_only=True)  # nosec B615
     if not isinstance(config, LlamaConfig):
         raise StageError(f"import {KIND}: {root}/config.json is a {config.model_type!r} config; the released "
                          "caption encoders are Llama models")
@@ -158,7 +159,8 @@ def check_tokenizer(root: Path) -> None:
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False,  # nosec B615  # a local snapshot
+                                              local_files_only=True)
     if not tokenizer.is_fast:
         raise StageError(f"import {KIND}: {root} has no fast tokenizer (tokenizer.json)")
     vocab = tokenizer.get_vocab()

@@ -92,8 +92,10 @@ def gguf_to_safetensors(gguf_file: str | os.PathLike, cache_dir: str | os.PathLi
             return target
         log.info("converting %s to safetensors in %s (once)", gguf_file.name, target)
         folder, name = str(gguf_file.parent), gguf_file.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # a local file (no hub access: local_files_only; nothing to pin)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)  # nosec B615
+        quantised = AutoModelForCausalLM.from_pretrained(  # nosec B615
+            folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
         config = quantised.config
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
@@ -221,7 +223,9 @@ def load_tokenizer(source: str):
     """The (fast) tokenizer of a resolved model source; never runs remote code."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    # nosec B615  # ``source`` is a local folder (resolve_model), or a hub id the user named in params,
+    # read at the hub's current revision (README: pin a hub model by downloading it to a folder)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # nosec B615
 
 
 def load_model(source: str, *, causal_lm: bool = False, dtype: torch.dtype = torch.float32,
