@@ -40,6 +40,53 @@ class TrackingError(StageError):
     """Tracking is configured so that runs would be lost; the message says what to set."""
 
 
+PROBE_TIMEOUT_S = 5.0
+"""How long :func:`check_server` waits for one answer of the tracking server."""
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""MLflow's client retries a failed request 7 times with backoff 2 by default (~4 min before an
+error); a stage sets these unless the environment does, so that an outage surfaces in seconds."""
+
+
+def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast when an ``http(s)`` tracking server does not answer (``GET /health``, 2 tries).
+
+    Any HTTP answer counts (an auth proxy's 401 too); other stores are not probed.
+
+    Raises:
+        TrackingError: one line naming the server, why, and what to do.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    start, reason = time.monotonic(), ""
+    for attempt in range(2):
+        try:  # the scheme is http(s): checked above
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):  # nosec B310
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError) as err:
+            reason = f"{type(getattr(err, 'reason', err)).__name__}: {getattr(err, 'reason', err)}"
+            if attempt == 0:
+                time.sleep(1.0)
+    raise TrackingError(
+        f"MLflow tracking server {uri} is not reachable ({reason}; {time.monotonic() - start:.1f} s): start it or "
+        "fix common.tracking_uri / $MLFLOW_TRACKING_URI, or run without tracking (--set common.tracking=false)")
+
+
+def _outage(err: BaseException) -> bool:
+    """Whether an MLflow client error is the server being unreachable (not a bad request)."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(err)
+    return isinstance(err, OSError) or (isinstance(err, MlflowException) and any(
+        marker in text for marker in ("Max retries exceeded", "Connection refused", "ConnectionError",
+                                      "Read timed out", "RemoteDisconnected", "Connection aborted")))
+
+
 def resolve_tracking_uri(common: CommonConfig) -> str:
     """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
 
@@ -93,15 +140,65 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """What a stage logs through; a no-op when tracking is off (``run_id`` is then None)."""
+    """What a stage logs through; a no-op when tracking is off (``run_id`` is then None).
+
+    A tracking server that stops answering during a stage does not stop the stage: what could not
+    be sent is kept (metrics with their step and time, params, tags, artifact paths), one warning
+    says so, and each later call (and :meth:`flush`, at the end of the stage) sends it once the
+    server answers again. What is still unsent at the end is named in a warning (:attr:`unsent`).
+    Errors that are not an outage (a bad request) are raised as before.
+    """
 
     def __init__(self, client: Any = None, run_id: str | None = None) -> None:
         self._client = client
         self.run_id = run_id
+        self._metrics: list[Any] = []  # unsent, in logging order
+        self._params: list[Any] = []
+        self._tags: list[Any] = []
+        self._artifacts: list[tuple[str, str | None]] = []
+        self._down = False
 
     @property
     def enabled(self) -> bool:
         return self._client is not None
+
+    @property
+    def unsent(self) -> dict[str, int]:
+        """How many metric values, params, tags and artifacts are waiting for the server."""
+        return {"metrics": len(self._metrics), "params": len(self._params), "tags": len(self._tags),
+                "artifacts": len(self._artifacts)}
+
+    def _send(self) -> bool:
+        """Send everything waiting; False (kept, one warning per outage) while the server is down."""
+        try:
+            for start in range(0, max(len(self._params), 1), 100):  # MLflow's log_batch limit
+                params = self._params[start : start + 100]
+                if params:
+                    self._client.log_batch(self.run_id, params=params)
+            self._params = []
+            if self._metrics or self._tags:
+                self._client.log_batch(self.run_id, metrics=self._metrics, tags=self._tags, synchronous=True)
+                self._metrics, self._tags = [], []
+            while self._artifacts:
+                path, artifact_path = self._artifacts[0]
+                if Path(path).is_dir():
+                    self._client.log_artifacts(self.run_id, path, artifact_path)
+                else:
+                    self._client.log_artifact(self.run_id, path, artifact_path)
+                self._artifacts.pop(0)
+        except Exception as err:
+            if not _outage(err):
+                raise
+            if not self._down:
+                log.warning("MLflow tracking server unreachable (%s); the stage goes on and keeps what it logs "
+                            "(%s) to send when the server answers again", str(err).splitlines()[0][:200],
+                            ", ".join(f"{n} {k}" for k, n in self.unsent.items() if n) or "nothing yet")
+            self._down = True
+            return False
+        if self._down:
+            log.info("MLflow tracking server answers again: what was kept is logged")
+            self._down = False
+        return True
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.enabled or not metrics:
@@ -109,34 +206,41 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self._metrics += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._send()
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled or not params:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow's log_batch limit
-            self._client.log_batch(self.run_id, params=items[start : start + 100])
+        self._params += [Param(k, str(v)[:6000]) for k, v in params.items()]
+        self._send()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.enabled:
             return
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._tags += [RunTag(k, str(v)) for k, v in tags.items()]
+        self._send()
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Upload one file or a whole directory."""
         if not self.enabled:
             return
-        path = Path(path)
-        if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        self._artifacts.append((str(path), artifact_path))
+        self._send()
+
+    def flush(self) -> bool:
+        """Send what is waiting; warn, naming it, when the server still does not answer."""
+        if not self.enabled or self._send():
+            return True
+        names = sorted({m.key for m in self._metrics}) + [p for p, _ in self._artifacts]
+        log.warning("MLflow run %s: NOT logged, the tracking server is down: %s (%s%s); the stage's outputs are "
+                    "complete", self.run_id, ", ".join(f"{n} {k}" for k, n in self.unsent.items() if n),
+                    ", ".join(names[:20]), ", ..." if len(names) > 20 else "")
+        return False
 
 
 def lineage_tags(
@@ -198,6 +302,9 @@ def stage_run(
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(common)
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    check_server(uri)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(common.experiment)
     experiment_id = (
@@ -214,6 +321,19 @@ def stage_run(
     try:
         yield tracker
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        tracker.flush()
+        _terminate(client, run.info.run_id, "FAILED")
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    tracker.flush()
+    _terminate(client, run.info.run_id, "FINISHED")
+
+
+def _terminate(client: Any, run_id: str, status: str) -> None:
+    """End the run; with the server down, say that it stays RUNNING there instead of failing the stage."""
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception as err:
+        if not _outage(err):
+            raise
+        log.warning("MLflow run %s could not be marked %s (tracking server down); it shows as RUNNING there",
+                    run_id, status)

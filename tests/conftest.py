@@ -88,11 +88,13 @@ def s3_bucket(s3_server):
     return s3_server, name
 
 
-def start_mlflow_server(workdir: Path, extra_env: dict | None = None, artifacts: str | None = None):
-    """Start ``mlflow server`` (sqlite backend) on a free port; returns ``(proc, uri)``."""
-    port = free_port()
+def start_mlflow_server(workdir: Path, extra_env: dict | None = None, artifacts: str | None = None,
+                        port: int | None = None):
+    """Start ``mlflow server`` (sqlite backend in ``workdir``) on ``port`` (default: a free one);
+    returns ``(proc, uri)``. Started again on the same folder and port, it is the same server."""
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "mlflow-server.log", "w")
+    log = open(workdir / "mlflow-server.log", "a")
     cmd = [
         str(BIN / "mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
