@@ -14,6 +14,11 @@
    champion's ``metric.<key>`` tag) by more than ``promote_margin``, or when there is no
    champion; ``promotion_decision`` / ``promotion_reason`` say what happened and why.
 
+Concurrent registrations of one model (two pipelines finishing at once) are serialised where it
+matters: reading the champion, deciding and moving the aliases happen under a registry lock
+(:func:`registry_lock`: a registered model ``<name>.lock`` that only one client can create, the
+backend's unique constraint deciding), so exactly one champion results, the better one.
+
 Reruns are idempotent: each version carries a ``content_fingerprint`` (sha256 of the weights,
 the model config, the metrics and the encoder fingerprint); a rerun on the same inputs finds
 that version and returns it (``reused=True``) without creating another one. A version whose
@@ -397,9 +402,83 @@ def register_model(model_dir: str | Path, caption_encoder_dir: str | Path | None
                 experiment_id=_experiment_id(client, experiment, run_id), run_id=run_id)
         else:
             log.info("finishing the interrupted registration of %s/%s", name, version.version)
-        _gate(client, version, value, primary_metric, promote_margin, greater_is_better, champion)
+        with registry_lock(client, name):  # the champion now, not the one before the (slow) upload
+            champion = _champion(client, name)
+            _gate(client, version, value, primary_metric, promote_margin, greater_is_better, champion)
         version = client.get_model_version(name, str(version.version))
         return _result(client, version, False, value, primary_metric, champion)
+
+
+LOCK_SUFFIX = ".lock"
+LOCK_WAIT_S = 900.0  # how long a registration waits for another one's lock
+LOCK_STALE_S = 600.0  # a lock older than this was left by a registration that died: broken
+
+
+@contextlib.contextmanager
+def registry_lock(client: Any, name: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S,
+                  poll_s: float = 0.5) -> Iterator[None]:
+    """Hold the alias lock of registered model ``name`` for the block.
+
+    The lock is a registered model ``<name>.lock``: creating one that exists fails in the
+    backend (a unique name), so one client holds it at a time, on any store MLflow supports. Its
+    tags say who holds it since when; one older than ``stale_s`` (its holder died) is deleted and
+    taken, with a warning.
+
+    Raises:
+        RegistrationError: still held by another registration after ``wait_s``.
+    """
+    import os
+    import socket
+    import time
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
+    lock, owner = f"{name}{LOCK_SUFFIX}", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"owner": owner, "since": f"{time.time():.3f}"},
+                                           description=f"held while a registration of {name} moves its aliases")
+            break
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        held = _lock_holder(client, lock)
+        if held is not None and time.time() - held[1] > stale_s:
+            log.warning("registry lock %s held by %s since %.0f s: stale, broken", lock, held[0],
+                        time.time() - held[1])
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            holder = f"{held[0]}, for {time.time() - held[1]:.0f} s" if held else "another registration"
+            raise RegistrationError(f"registered model {name}: its alias lock {lock} is held by {holder}; "
+                                    f"retry when that registration ends, or delete {lock} if it died")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("registry lock %s was broken by another registration while held (held over %.0f s)",
+                        lock, stale_s)
+
+
+def _lock_holder(client: Any, lock: str) -> tuple[str, float] | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(lock).tags
+    except MlflowException:
+        return None  # released meanwhile
+    try:
+        return tags.get("owner", "?"), float(tags.get("since", "0"))
+    except ValueError:
+        return tags.get("owner", "?"), 0.0
 
 
 def _create_version(client: Any, model_dir: Path, encoder_dir: str | Path | None, *, name: str,

@@ -89,15 +89,16 @@ def s3_bucket(s3_server):
 
 
 def start_mlflow_server(workdir: Path, extra_env: dict | None = None, artifacts: str | None = None,
-                        port: int | None = None):
-    """Start ``mlflow server`` (sqlite backend in ``workdir``) on ``port`` (default: a free one);
-    returns ``(proc, uri)``. Started again on the same folder and port, it is the same server."""
+                        port: int | None = None, backend: str | None = None):
+    """Start ``mlflow server`` (sqlite backend in ``workdir``, or ``backend``) on ``port`` (default:
+    a free one); returns ``(proc, uri)``. Started again on the same folder and port, it is the same
+    server."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = open(workdir / "mlflow-server.log", "a")
     cmd = [
         str(BIN / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+        "--backend-store-uri", backend or f"sqlite:///{workdir / 'mlflow.db'}",
         "--artifacts-destination", artifacts or str(workdir / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
