@@ -183,7 +183,7 @@ def test_trainer_kinds_validate_strictly(rendered):
 def test_secret_templates_validate_and_hold_no_values():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     templates = secret_templates()
-    assert set(templates) == {"llm2clip-s3", "llm2clip-mlflow", "llm2clip-mlflow-db"}
+    assert set(templates) == {"llm2clip-s3", "llm2clip-mlflow", "llm2clip-mlflow-db", "llm2clip-mlflow-auth"}
     for name, secret in templates.items():
         kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
         assert secret["metadata"]["namespace"] == NAMESPACE
@@ -288,11 +288,14 @@ def test_the_mlflow_server(rendered):
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     pin = re.search(r'"mlflow==([0-9.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
     assert container["image"] == f"ghcr.io/mlflow/mlflow:v{pin}-full"
-    args = " ".join(container["args"])
-    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in args and "--serve-artifacts" in args
-    assert "--artifacts-destination=s3://" in args
+    args = " ".join(container["args"])  # the start script (run for real in test_mlflow_auth.py)
+    assert '--backend-store-uri="$MLFLOW_BACKEND_STORE_URI"' in args and "--serve-artifacts" in args
+    assert "--app-name basic-auth" in args
+    values = {e["name"]: e.get("value", "") for e in container["env"]}
+    assert values["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"] == {"name": "llm2clip-mlflow-db", "key": "MLFLOW_BACKEND_STORE_URI"}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == {"name": "llm2clip-mlflow-auth", "key": "MLFLOW_AUTH_ADMIN_PASSWORD"}
     assert env["MLFLOW_S3_ENDPOINT_URL"] == {"name": "llm2clip-s3", "key": "AWS_ENDPOINT_URL"}
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/health"
