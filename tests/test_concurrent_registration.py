@@ -93,3 +93,23 @@ def test_the_lock_is_exclusive_and_a_stale_one_is_broken(server, caplog):
             assert "stale, broken" in caplog.text
     assert "was broken by another registration while held" in caplog.text  # the outer release says so
     assert not client.search_registered_models("name = 'lock-probe.lock'")
+
+
+def test_a_registered_model_holds_no_pickled_python(server, models, tmp_path):
+    """Models from code: MLflow stores the model's script, the weights are safetensors; no file of
+    the registered artifact is a pickle (protocol 2+ starts with 0x80) or a .pkl."""
+    import mlflow
+    import yaml
+
+    register_at_once(server, [(models[0], 0.1)])  # the same content as round 1's: found again, reused
+    mlflow.set_tracking_uri(server)
+    folder = tmp_path / "model"
+    mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(folder))
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    pickled = [p for p in files if p.suffix in (".pkl", ".pickle") or p.read_bytes()[:1] == b"\x80"]
+    assert not pickled, pickled
+    flavor = yaml.safe_load(next(folder.rglob("MLmodel")).read_text())["flavors"]["python_function"]
+    # loaded by MLflow's code-model loader from the stored script, not unpickled (python_model.pkl)
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
+    assert flavor["model_code_path"].endswith("vision_model.py")
