@@ -22,11 +22,14 @@ that was cut off) are deleted.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +161,29 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (ckpt_dir / tag).is_dir() else None
 
 
+DISK_FULL_BYTES = 16 << 20  # free space under which a failed checkpoint write is taken as a full disk
+
+
+@contextlib.contextmanager
+def _disk_full_is_enospc(folder: Path, partial: Path) -> Iterator[None]:
+    """A checkpoint write that fails on a full disk raises ``OSError(ENOSPC)`` naming the folder.
+
+    torch's zip writer reports a full disk as ``RuntimeError: [enforce fail at
+    inline_container.cc] ... unexpected pos`` (or ``file write failed``), which says nothing of
+    space; the unfinished checkpoint folder is removed (it is never ``latest``).
+    """
+    try:
+        yield
+    except (RuntimeError, OSError) as err:
+        free = shutil.disk_usage(folder).free  # before the partial files go
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno != errno.ENOSPC:
+            raise
+        if isinstance(err, OSError) or free < DISK_FULL_BYTES:
+            raise OSError(errno.ENOSPC, f"no space left for the checkpoint ({free} bytes free)", str(folder)) from err
+        raise
+
+
 def save(engine, store: CheckpointStore | Path, step: int, client_state: dict[str, Any], ctx: DistContext,
          keep: int = 2) -> None:
     """Atomic checkpoint of ``engine`` at ``step`` (call on every rank)."""
@@ -168,8 +194,9 @@ def save(engine, store: CheckpointStore | Path, step: int, client_state: dict[st
         return
     ckpt_dir = store.local
     tmp, final = f"tmp-step{step:08d}", f"step{step:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)  # ends with a barrier: all shards written
+    with _disk_full_is_enospc(ckpt_dir, ckpt_dir / tmp):
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)  # ends with a barrier: all shards written
     if ctx.is_main:
         shutil.rmtree(ckpt_dir / final, ignore_errors=True)
         (ckpt_dir / tmp).rename(ckpt_dir / final)
@@ -184,8 +211,9 @@ def _save_remote(engine, store: CheckpointStore, step: int, client_state: dict[s
                  keep: int) -> None:
     """Save into the node's staging dir, upload each node's files, then commit ``latest``."""
     final = f"step{step:08d}"
-    engine.save_checkpoint(str(store.local), tag=final, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)  # ends with a barrier: all shards written
+    with _disk_full_is_enospc(store.local, store.local / final):
+        engine.save_checkpoint(str(store.local), tag=final, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)  # ends with a barrier: all shards written
     if ctx.local_rank == 0:
         store.push(final)
         for old in sorted(store.local.glob("step*"))[:-1]:

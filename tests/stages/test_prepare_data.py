@@ -495,3 +495,30 @@ def test_an_optional_dense_column_empty_in_most_rows_keeps_every_sample(tmp_path
                          optional_captions=("dense",))
     result = prepare_data.run(small(src), COMMON, data=str(tmp_path / "data"))
     assert (result.seen, result.quarantined, result.train + result.val) == (6, 0, 6)
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_output_that_looks_complete(tmp_path, caplog):
+    """prepare_data writes its shards onto a 1 MiB tmpfs that fills up: exit 2, one ERROR line
+    naming the lack of space; no manifest.json (the output reads unfinished), no temp file left."""
+    import logging
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tmpfs import tmpfs
+
+    from llm2clip.cli import main
+    from llm2clip.config import to_dict
+
+    cfg = PrepareDataConfig(sources=(SyntheticSource(name="scenes", count=300, image_size=128),), shard_size=50,
+                            image_max_side=128, jpeg_quality=95, workers=1)
+    args = ["--common-json", json.dumps(to_dict(CommonConfig(tracking=False))), "--config-json",
+            json.dumps(to_dict(cfg))]
+    with tmpfs(tmp_path / "small", "1m") as small:
+        code = main(["prepare_data", *args, "--data", str(small / "data")])
+        left = sorted(p.relative_to(small).as_posix() for p in small.rglob("*") if p.is_file())
+    assert code == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "space" in errors[0].getMessage().lower() and errors[0].exc_info is None
+    assert "data/manifest.json" not in left and not [n for n in left if ".tmp-" in n]
+    # the same run with room: a complete output
+    assert main(["prepare_data", *args, "--data", str(tmp_path / "roomy")]) == 0
+    assert (tmp_path / "roomy" / "manifest.json").is_file()

@@ -374,3 +374,25 @@ def test_siglip_loss_trains_a_bias_and_is_recorded(inputs):
     model = LLM2CLIPModel.from_pretrained(out)
     assert model.loss == "siglip" and float(model.logit_bias) == pytest.approx(config["logit_bias"])
     assert "logit_bias" in weights(out)
+
+
+def test_a_full_disk_at_the_first_checkpoint_is_one_clear_error(inputs, reference, tmp_path):
+    """The vision model's folder on a tmpfs with room for half a checkpoint: the run stops with exit
+    2 and one ERROR line about space; no ``latest`` (nothing to resume from that looks complete),
+    no model, no manifest."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tmpfs import tmpfs
+
+    data, emb, root = inputs
+    step = (reference[0] / "checkpoints" / "latest").read_text().strip()
+    size = sum(p.stat().st_size for p in (reference[0] / "checkpoints" / step).rglob("*") if p.is_file())
+    params = write_params(root / "params-full.yaml")
+    with tmpfs(tmp_path / "small", f"{max(64, size // 2 // 1024)}k") as small:
+        done = subprocess.run([sys.executable, "-m", "llm2clip", "train_vision", "--params", str(params), "--data",
+                               str(data), "--embeddings", str(emb), "--vision-model", str(small / "out")],
+                              cwd=root, env=env(), capture_output=True, text=True, timeout=600)
+        left = {p.relative_to(small).as_posix() for p in small.rglob("*") if p.is_file()}
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1 and "space" in errors[0].lower(), errors
+    assert not {"out/checkpoints/latest", "out/model.safetensors", "out/manifest.json"} & left
