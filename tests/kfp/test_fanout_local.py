@@ -3,28 +3,48 @@ production pipeline code (``_data_stage``) and a cluster profile with ``shard_gr
 
 One group task is killed (SIGKILL, as a pod eviction would) after it finished its first group:
 kfp.local retries that task alone (the profile's retry policy), the retry reuses the finished
-group, and the merged output is the single-process output byte for byte.
+group, and the merged output is the single-process output byte for byte. kfp.local runs in a
+subprocess (its ``local.init`` changes logging for the rest of a process).
 """
 
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from kfp import dsl, local
-from kfp_helpers import fanout_profile
+from kfp_helpers import REPO, fanout_profile
 
-from llm2clip.cluster.profile import load_cluster_profile
 from llm2clip.config import CommonConfig, PrepareDataConfig, ValidationConfig, WebDatasetSource, to_dict
 from llm2clip.data.shards import ShardWriter
 from llm2clip.stages import prepare_data
-from pipelines.llm2clip_pipeline import _data_stage  # noqa: PLC2701 (the pipeline's own fan-out builder)
 
 SHARDS = 4
+# The pipeline: prepare_data only, built by the production pipeline's own fan-out builder.
+RUN = """
+import json, sys
+from kfp import dsl, local
+from llm2clip.cluster.profile import load_cluster_profile
+from pipelines.llm2clip_pipeline import _data_stage
+
+profile_path, root, common, section = sys.argv[1:5]
+profile = load_cluster_profile(profile_path)
+
+
+@dsl.pipeline(name="prepare-fanout")
+def prepare_only(common: dict, prepare_data: dict, image: str = "python:3.11", gpu_image: str = "python:3.11"):
+    _data_stage(profile, "prepare_data", {"common": common, "prepare_data": prepare_data},
+                {"cpu": image, "gpu": gpu_image})
+
+
+local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
+prepare_only(common=json.loads(common), prepare_data=json.loads(section))
+"""
 
 
 def write_inputs(folder: Path) -> str:
@@ -71,23 +91,19 @@ def fanned(tmp_path_factory):
                             val_fraction=0.25, shard_size=5, image_max_side=32, workers=1,
                             validation=ValidationConfig(min_valid_fraction=0.5, min_captions=1))
     common = CommonConfig(tracking=False, caption_fields=("short",))
-    profile = load_cluster_profile(fanout_profile(tmp, {"prepare_data": 2}))
-
-    @dsl.pipeline(name="prepare-fanout")
-    def prepare_only(common: dict, prepare_data: dict, image: str = "python:3.11", gpu_image: str = "python:3.11"):
-        _data_stage(profile, "prepare_data", {"common": common, "prepare_data": prepare_data},
-                    {"cpu": image, "gpu": gpu_image})
-
+    profile = fanout_profile(tmp, {"prepare_data": 2})
     root = tmp / "lo"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     stop, killed = threading.Event(), []
     watcher = threading.Thread(target=killer, args=(root, stop, killed), daemon=True)
     watcher.start()
     try:
-        prepare_only(common=to_dict(common), prepare_data=to_dict(cfg))
+        proc = subprocess.run([sys.executable, "-c", RUN, str(profile), str(root), json.dumps(to_dict(common)),
+                               json.dumps(to_dict(cfg))], cwd=tmp, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
     finally:
         stop.set()
         watcher.join()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     (run_dir,) = root.glob("prepare-fanout-*")
     return run_dir, cfg, common, killed
 
