@@ -147,6 +147,10 @@ USER_ERRORS: tuple[ErrorRule, ...] = (
     ErrorRule("s3_not_found", _client_error("NoSuchKey", "404", "NotFound"),
               lambda e, c: f"{c.stage}: not found on S3 ({_s3_op(e)}): check the s3:// path, or run "
                            "the stage that writes it"),
+    ErrorRule("s3_failing", _client_error("InternalError", "ServiceUnavailable", "SlowDown", "503", "500"),
+              lambda e, c: f"{c.stage}: the S3 store kept failing after retries ({_s3_op(e)}: {_text(e)}): check "
+                           f"{c.s3()}, then run the stage again (an output without manifest.json is unfinished: "
+                           "no later stage reads it)"),
     ErrorRule("model_not_found", _named("huggingface_hub", *HUB_ERRORS),
               lambda e, c: f"{c.stage}: model not found ({_text(e)}): give an existing local directory or "
                            "a pkg:// spec; a hub id needs the network or a warm Hugging Face cache"),

@@ -27,12 +27,21 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+S3_RETRIES = {"mode": "standard", "max_attempts": 5}
+"""botocore's retry config for every S3 request: 5 attempts with exponential backoff and jitter on
+500/502/503/504, throttling (SlowDown) and dropped connections; ``$AWS_RETRY_MODE`` and
+``$AWS_MAX_ATTEMPTS`` override it. s3fs retries a failed call a few more times on top."""
+
+
 def s3_filesystem(endpoint_url: str = ""):
     """An fsspec S3 filesystem (credentials from the environment / AWS profile)."""
     import fsspec
 
     client_kwargs = {"endpoint_url": endpoint_url} if endpoint_url else {}
-    return fsspec.filesystem("s3", client_kwargs=client_kwargs)
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE", S3_RETRIES["mode"]),
+               "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", S3_RETRIES["max_attempts"]))}
+    return fsspec.filesystem("s3", client_kwargs=client_kwargs,
+                             config_kwargs={"retries": retries, "connect_timeout": 10, "read_timeout": 60})
 
 
 @contextlib.contextmanager

@@ -223,8 +223,17 @@ def _ensure_registered_model(client: Any, name: str, description: str) -> None:
 def _experiment_id(client: Any, experiment: str, run_id: str | None) -> str:
     if run_id:
         return client.get_run(run_id).info.experiment_id
+    from mlflow.exceptions import MlflowException
+
     found = client.get_experiment_by_name(experiment)
-    return found.experiment_id if found else client.create_experiment(experiment)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except MlflowException as err:  # another registration created it meanwhile
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+        return client.get_experiment_by_name(experiment).experiment_id
 
 
 def _log_pyfunc(client: Any, kind: str, artifacts: dict[str, str], *, experiment_id: str,
