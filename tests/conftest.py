@@ -6,11 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from services import start_mlflow_server, stop, wait_http  # noqa: F401 (re-exported for older tests)
 
 from llm2clip.train.distributed import free_port
 
@@ -22,28 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -86,26 +63,6 @@ def s3_bucket(s3_server):
     name = f"t-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return s3_server, name
-
-
-def start_mlflow_server(workdir: Path, extra_env: dict | None = None, artifacts: str | None = None,
-                        port: int | None = None, backend: str | None = None):
-    """Start ``mlflow server`` (sqlite backend in ``workdir``, or ``backend``) on ``port`` (default:
-    a free one); returns ``(proc, uri)``. Started again on the same folder and port, it is the same
-    server."""
-    port = port or free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "mlflow-server.log", "a")
-    cmd = [
-        str(BIN / "mlflow"), "server",
-        "--backend-store-uri", backend or f"sqlite:///{workdir / 'mlflow.db'}",
-        "--artifacts-destination", artifacts or str(workdir / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **(extra_env or {})})
-    uri = f"http://127.0.0.1:{port}"
-    wait_http(f"{uri}/health", 120, proc)
-    return proc, uri
 
 
 @pytest.fixture(scope="session")

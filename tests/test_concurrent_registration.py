@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-from conftest import free_port, start_mlflow_server, stop
 from postgres import available, postgres_cluster
+from services import free_port, start_mlflow_server, stop
 
 from llm2clip.registry import CHAMPION, DECISION_TAG, FINGERPRINT_TAG, LOCK_SUFFIX, registry_lock
 from llm2clip.vision.model import LLM2CLIPModel

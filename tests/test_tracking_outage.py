@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import replace
 
-from conftest import free_port, start_mlflow_server, stop
+from services import free_port, start_mlflow_server, stop
 
 from llm2clip import tracking
 from llm2clip.config import CommonConfig, PrepareDataConfig

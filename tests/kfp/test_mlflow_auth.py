@@ -9,7 +9,6 @@ when the same script runs with authentication switched off (``--app-name basic-a
 so the check tells the two apart. The admin and a user the admin makes can write.
 """
 
-import importlib.util
 import os
 import secrets
 import subprocess
@@ -18,14 +17,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from services import free_port, stop, wait_http
 from test_manifests import find, render
-
-from llm2clip.train.distributed import free_port
-
-_spec = importlib.util.spec_from_file_location("root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-_root = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_root)
-stop, wait_http = _root.stop, _root.wait_http
 
 BIN = Path(sys.executable).parent
 
