@@ -25,6 +25,7 @@ from llm2clip.data.shards import ShardWriter
 from llm2clip.stages import prepare_data
 
 SHARDS = 4
+SIZES = (6, 6, 6, 48)  # the last group (task 1's second) is the big one: the kill lands while it runs
 # The pipeline: prepare_data only, built by the production pipeline's own fan-out builder.
 RUN = """
 import json, sys
@@ -48,7 +49,7 @@ prepare_only(common=json.loads(common), prepare_data=json.loads(section))
 
 
 def write_inputs(folder: Path) -> str:
-    """4 webdataset input shards of 6 scenes each: 4 groups, 2 per group task."""
+    """4 webdataset input shards of noise pictures (``SIZES``): 4 groups, 2 per group task."""
     import io
 
     import numpy as np
@@ -57,8 +58,9 @@ def write_inputs(folder: Path) -> str:
     folder.mkdir()
     for shard in range(SHARDS):
         with ShardWriter(folder / f"in-{shard:06d}.tar") as writer:
-            for i in range(6):
-                pixels = np.random.default_rng(10 * shard + i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            for i in range(SIZES[shard]):
+                side = 48 if SIZES[shard] < 10 else 320  # big pictures: seconds of decoding and re-encoding
+                pixels = np.random.default_rng(100 * shard + i).integers(0, 255, (side, side, 3), dtype=np.uint8)
                 buf = io.BytesIO()
                 Image.fromarray(pixels).save(buf, "PNG")
                 writer.write(f"s{shard}-{i}", {"png": buf.getvalue(), "txt": f"noise picture {shard} {i}".encode()})
@@ -125,4 +127,4 @@ def test_the_merge_writes_the_single_process_output(fanned, tmp_path):
     prepare_data.run(cfg, common, data=str(tmp_path / "single"))
     got, want = (json.loads(p.read_text()) for p in (merged, tmp_path / "single" / "manifest.json"))
     assert got["shards"] == want["shards"] and got["counts"] == want["counts"]
-    assert got["counts"]["seen"] == SHARDS * 6
+    assert got["counts"]["seen"] == sum(SIZES)
