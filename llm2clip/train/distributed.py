@@ -7,11 +7,15 @@ gloo (no oneCCL), on GPU nccl.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -94,6 +98,43 @@ def _forget_deepspeed_groups() -> None:
             table.clear()
 
 
+def extensions_root() -> Path:
+    """Where torch's JIT op loader builds (``$TORCH_EXTENSIONS_DIR``, else its per-Python default)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accelerator}"
+
+
+@contextlib.contextmanager
+def extension_build_guard(root: Path | None = None) -> Iterator[None]:
+    """Hold an flock on ``<root>/llm2clip.flock`` while a JIT op loads; remove its stale lock files.
+
+    torch's loader guards each op's build (and its up-to-date check, on every start) with a lock
+    *file*, ``<root>/<op>/lock``, and waits with no end while one exists. A process killed inside
+    that window (a preempted pod, a SIGKILL) leaves it behind, and from then on every start of a
+    DeepSpeed stage hangs silently. Every llm2clip process loads ops only inside this guard, and the
+    kernel drops an flock when its holder dies; so a lock file found while holding the flock was
+    left by a dead loader, and is removed (with a warning). Another program building torch
+    extensions in the same folder at the same moment is not guarded: give it its own
+    ``TORCH_EXTENSIONS_DIR``.
+    """
+    root = root or extensions_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "llm2clip.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            for stale in root.glob("*/lock"):
+                log.warning("removing %s: left by a process killed while loading that op "
+                            "(torch would wait for it forever)", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
 def init_distributed(backend: str | None = None, *, deepspeed: bool = True) -> DistContext:
     """Join (or create) the process group.
 
@@ -123,7 +164,8 @@ def init_distributed(backend: str | None = None, *, deepspeed: bool = True) -> D
         if deepspeed:
             import deepspeed as ds
 
-            ds.init_distributed(dist_backend=backend)
+            with extension_build_guard():  # DeepSpeed JIT-loads its shm op here on CPU
+                ds.init_distributed(dist_backend=backend)
         else:
             dist.init_process_group(backend=backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
