@@ -164,8 +164,14 @@ def init_distributed(backend: str | None = None, *, deepspeed: bool = True) -> D
         if deepspeed:
             import deepspeed as ds
 
-            with extension_build_guard():  # DeepSpeed JIT-loads its shm op here on CPU
-                ds.init_distributed(dist_backend=backend)
+            from deepspeed.comm.torch import build_shm_op
+
+            # DeepSpeed JIT-loads its shm op (CPU) inside init_distributed, after the rendezvous:
+            # load it first, under the guard and alone (DeepSpeed keeps the module: its own load
+            # then takes no lock file). The rendezvous must stay outside, or ranks deadlock.
+            with extension_build_guard():
+                build_shm_op()
+            ds.init_distributed(dist_backend=backend)
         else:
             dist.init_process_group(backend=backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
