@@ -163,7 +163,6 @@ def init_distributed(backend: str | None = None, *, deepspeed: bool = True) -> D
     if owns:
         if deepspeed:
             import deepspeed as ds
-
             from deepspeed.comm.torch import build_shm_op
 
             # DeepSpeed JIT-loads its shm op (CPU) inside init_distributed, after the rendezvous:
