@@ -77,7 +77,7 @@ def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         "fix common.tracking_uri / $MLFLOW_TRACKING_URI, or run without tracking (--set common.tracking=false)")
 
 
-def _outage(err: BaseException) -> bool:
+def is_outage(err: BaseException) -> bool:
     """Whether an MLflow client error is the server being unreachable (not a bad request)."""
     from mlflow.exceptions import MlflowException
 
@@ -187,7 +187,7 @@ class Tracker:
                     self._client.log_artifact(self.run_id, path, artifact_path)
                 self._artifacts.pop(0)
         except Exception as err:
-            if not _outage(err):
+            if not is_outage(err):
                 raise
             if not self._down:
                 log.warning("MLflow tracking server unreachable (%s); the stage goes on and keeps what it logs "
@@ -262,6 +262,47 @@ def lineage_tags(
     return tags
 
 
+def ensure_sqlite_store(uri: str) -> None:
+    """Create a new server-less sqlite store whole, or not at all.
+
+    MLflow builds a new sqlite store by running its ~60 schema migrations one after another; a
+    process killed in between (found by the crash drill: a kill in the first seconds of the first
+    stage) left a database every later start refused with a raw ``table ... already exists``. The
+    store is built in a temp file beside it and linked into place in one step (if another process
+    was first, its store is kept). A store left half-built by an older version is one clear line
+    (:func:`stage_run`).
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.building"):  # a killed builder's
+        with contextlib.suppress(ValueError, OSError):
+            if not _alive(int(stale.name.rsplit(".", 2)[-2])):
+                stale.unlink()
+    building = path.with_name(f".{path.name}.{os.getpid()}.building")
+    try:
+        SqlAlchemyStore(f"sqlite:///{building}", _artifact_root(uri)).engine.dispose()
+        with contextlib.suppress(FileExistsError):
+            os.link(building, path)
+    finally:
+        building.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _artifact_root(uri: str) -> str | None:
     """Artifacts of a server-less sqlite store go next to the db, not into ./mlruns of the cwd."""
     if uri.startswith("sqlite:///"):
@@ -305,8 +346,16 @@ def stage_run(
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     check_server(uri)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(common.experiment)
+    ensure_sqlite_store(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(common.experiment)
+    except Exception as err:
+        if uri.startswith("sqlite:///") and "already exists" in str(err):
+            raise TrackingError(f"the MLflow store {uri} was left half-built (a process was killed while MLflow "
+                                "created it, before llm2clip built stores atomically): move it away and run again"
+                                ) from err
+        raise
     experiment_id = (
         experiment.experiment_id if experiment
         else client.create_experiment(common.experiment, artifact_location=_artifact_root(uri))
@@ -333,7 +382,7 @@ def _terminate(client: Any, run_id: str, status: str) -> None:
     try:
         client.set_terminated(run_id, status=status)
     except Exception as err:
-        if not _outage(err):
+        if not is_outage(err):
             raise
         log.warning("MLflow run %s could not be marked %s (tracking server down); it shows as RUNNING there",
                     run_id, status)
