@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -87,11 +88,18 @@ def have(cmd: str) -> bool:
 
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory) -> Path:
-    """A clean clone of the repo after one `dvc repro` of the tiny profile (tests/test_dvc.py), shared
-    by every module that needs one (the repro is the slow part); tests copy it before changing it."""
-    from test_dvc import clean_clone, dvc
+    """A clean clone of the repo after `dvc repro` of the tiny profile (tests/test_dvc.py), shared by
+    every module that needs one (the repro is the slow part); tests copy it before changing it.
+
+    The repro is the crash drill's bounded run (tests/kill_drill.py): SIGKILLed once at a seeded
+    random point inside each long pipeline stage, started again after each kill. Its report is
+    ``kill-report.json`` beside the clone; the DVC tests check that it ends as a clean repro does.
+    """
+    from kill_drill import PIPELINE_STAGES, repro_with_kills
+    from test_dvc import clean_clone
 
     clone = clean_clone(tmp_path_factory.mktemp("dvc") / "repo")
-    log = dvc(["repro"], clone)
-    (clone.parent / "repro.log").write_text(log)
+    with open(clone.parent / "repro.log", "w") as log:
+        report = repro_with_kills(clone, kills=len(PIPELINE_STAGES), seed=0, stages=PIPELINE_STAGES, log=log)
+    (clone.parent / "kill-report.json").write_text(json.dumps(report.to_dict()))
     return clone

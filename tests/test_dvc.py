@@ -53,14 +53,16 @@ def small_params(raw: dict, workdir: Path) -> dict:
     return raw
 
 
-def clean_clone(dest: Path) -> Path:
+def clean_clone(dest: Path, workdir: Path | None = None) -> Path:
+    """The repo's files committed into a fresh git repo at ``dest``, tiny params (the tiny model and
+    the demo folder in ``workdir``, default ``dest.parent``: clones sharing one get equal params)."""
     listed = run(["git", "ls-files", "-z", "-co", "--exclude-standard"], REPO).split("\0")
     for name in filter(None, listed):
         src = REPO / name
         if src.is_file():  # tracked files deleted in the work tree are skipped
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    params = small_params(yaml.safe_load((dest / "params.yaml").read_text()), dest.parent)
+    params = small_params(yaml.safe_load((dest / "params.yaml").read_text()), workdir or dest.parent)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dvc_env(dest.parent)
     run(["git", "init", "-q"], dest, env)
@@ -94,6 +96,21 @@ def test_repro_from_a_clean_clone(reproduced):
     assert "Running stage" not in again, again
     # The outputs are DVC's, not git's: dvc writes .gitignore entries for them.
     assert run(["git", "check-ignore", "data/prepared"], reproduced).strip() == "data/prepared"
+
+
+def test_a_repro_killed_in_every_long_stage_ends_where_a_clean_one_does(reproduced):
+    """The crash drill's bounded run (tests/kill_drill.py, the ``reproduced`` fixture): one SIGKILL
+    inside each long stage, each followed by a new `dvc repro`. test_repro_from_a_clean_clone above
+    checks the same clone: status clean, a second repro runs nothing."""
+    from kill_drill import PIPELINE_STAGES, verify_outputs
+
+    report = json.loads((reproduced.parent / "kill-report.json").read_text())
+    assert [k["stage"] for k in report["kills"] if k["landed"]] == list(PIPELINE_STAGES), report["kills"]
+    assert report["attempts"] == len(PIPELINE_STAGES) + 1
+    checked = verify_outputs(reproduced)  # every manifest's stage and every sha256 it lists
+    assert {"data/prepared", "models/caption_encoder", "data/embeddings", "models/vision", "reports/eval",
+            "models/registration"} <= checked.keys()
+    assert checked["data/prepared"] >= 2 and checked["models/vision"] >= 2 and checked["data/embeddings"] >= 2
 
 
 def test_s3_remote_push_and_pull_restore_the_outputs(reproduced, s3_bucket, tmp_path):
