@@ -18,6 +18,11 @@ dir, the first process of each node uploads what its ranks wrote, and only then 
 ``latest`` (one S3 PUT, the commit mark). A restarted job downloads the newest committed
 checkpoint into each node's staging dir before it resumes; steps newer than ``latest`` (a save
 that was cut off) are deleted.
+
+S3 requests are retried by botocore (``llm2clip.io.S3_RETRIES``). A store that still fails after
+the retries (error answers, dropped connections, an endpoint that is gone) ends the stage with a
+:class:`~llm2clip.io.StageError` that says which checkpoint did not land; ``latest`` is never moved
+to a checkpoint whose upload failed.
 """
 
 from __future__ import annotations
@@ -34,13 +39,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm2clip.io import atomic_write_json, atomic_write_text, is_remote, s3_filesystem
+from llm2clip.io import StageError, atomic_write_json, atomic_write_text, is_remote, s3_filesystem
 from llm2clip.train.distributed import DistContext
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 RUN_FILE = "run.json"
+
+
+def _is_store_failure(err: BaseException) -> bool:
+    """An S3 request that failed after the retries: s3fs's ``OSError``, or botocore's own error
+    (a dropped connection is ``ConnectionClosedError``, a gone endpoint ``EndpointConnectionError``)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(err, (OSError, BotoCoreError, ClientError))
+
+
+@contextlib.contextmanager
+def _store_failure(what: str, then: str) -> Iterator[None]:
+    """Turn a store that kept failing into one StageError line: ``what (the error): then``."""
+    try:
+        yield
+    except Exception as err:
+        if not _is_store_failure(err):
+            raise
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise StageError(f"{what} ({reason}): {then}") from err
 
 
 @dataclass(frozen=True)
@@ -82,8 +107,9 @@ class CheckpointStore:
             fs.put_file(str(path), f"{self.remote}/{path.relative_to(self.local).as_posix()}")
 
     def pull(self) -> None:
-        """Fill the staging dir with the remote's committed state: ``run.json``, ``latest``, the
-        checkpoint it names, and the other saved entries (not older or unfinished steps)."""
+        """Fill the staging dir with the remote's committed state: ``run.json``, the checkpoint
+        ``latest`` names, and the other saved entries (not older or unfinished steps); ``latest``
+        itself last, so a pull that fails half-way leaves no staged checkpoint that looks complete."""
         fs = self._fs()
         self.local.mkdir(parents=True, exist_ok=True)
         if not fs.exists(self.remote):
@@ -91,21 +117,25 @@ class CheckpointStore:
         latest = fs.cat(f"{self.remote}/{LATEST}").decode().strip() if fs.exists(f"{self.remote}/{LATEST}") else ""
         for entry in fs.ls(self.remote, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(("step", "tmp-")) and name != latest:
+            if name == LATEST or (name.startswith(("step", "tmp-")) and name != latest):
                 continue
             target = self.local / name
             if fs.isdir(entry):
                 fs.get(entry.rstrip("/") + "/", str(target) + "/", recursive=True)
             else:
                 fs.get_file(entry, str(target))
+        if latest:
+            atomic_write_text(self.local / LATEST, latest)
 
     def remove(self) -> None:
         """Delete the whole store (the staging copy and the remote prefix)."""
         shutil.rmtree(self.local, ignore_errors=True)
         if self.remote:
-            fs = self._fs()
-            if fs.exists(self.remote):
-                fs.rm(self.remote, recursive=True)
+            with _store_failure(f"could not delete the checkpoint store {self.remote}",
+                                "check the S3 endpoint, then run the stage again"):
+                fs = self._fs()
+                if fs.exists(self.remote):
+                    fs.rm(self.remote, recursive=True)
 
 
 def _prepare_remote(store: CheckpointStore, identity: dict[str, Any]) -> None:
@@ -130,12 +160,16 @@ def prepare_dir(store: CheckpointStore | Path, identity: dict[str, Any], ctx: Di
     if isinstance(store, Path):
         store = CheckpointStore(store)
     if store.remote:
+        what = f"could not read the checkpoint store {store.remote} to resume from it"
+        then = "check the S3 endpoint, then run the stage again (its committed checkpoints are unchanged)"
         if ctx.is_main:
-            _prepare_remote(store, identity)
+            with _store_failure(what, then):
+                _prepare_remote(store, identity)
         ctx.barrier()
         if ctx.local_rank == 0:
             shutil.rmtree(store.local, ignore_errors=True)
-            store.pull()
+            with _store_failure(what, then):
+                store.pull()
         ctx.barrier()
         return
     ckpt_dir = store.local
@@ -214,21 +248,33 @@ def _save_remote(engine, store: CheckpointStore, step: int, client_state: dict[s
     with _disk_full_is_enospc(store.local, store.local / final):
         engine.save_checkpoint(str(store.local), tag=final, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)  # ends with a barrier: all shards written
+    rerun = "run the stage again: it resumes from the checkpoint that latest names, or starts over without one"
     if ctx.local_rank == 0:
-        store.push(final)
-        for old in sorted(store.local.glob("step*"))[:-1]:
-            shutil.rmtree(old, ignore_errors=True)  # staging keeps the newest only
-        atomic_write_text(store.local / LATEST, final)
-    ctx.barrier()  # every node's files are on S3
+        with _store_failure(f"checkpoint {final} could not be uploaded to {store.remote}",
+                            f"it is not committed ({LATEST} was not moved to it); {rerun}"):
+            store.push(final)
+    ctx.barrier()  # every node's files are on S3; a node whose upload failed never gets here
     if ctx.is_main:
         fs = store._fs()
-        fs.pipe(f"{store.remote}/{LATEST}", final.encode())  # the commit: one PUT
-        steps = sorted(e for e in fs.ls(store.remote, detail=False) if e.rstrip("/").rsplit("/", 1)[-1] < final
-                       and e.rstrip("/").rsplit("/", 1)[-1].startswith("step"))
-        for old in steps[: max(0, len(steps) - (keep - 1))]:
-            fs.rm(old, recursive=True)
+        with _store_failure(f"checkpoint {final} is uploaded, but {store.remote}/{LATEST} could not be "
+                            "moved to it", rerun):
+            fs.pipe(f"{store.remote}/{LATEST}", final.encode())  # the commit: one PUT
+        try:
+            steps = sorted(e for e in fs.ls(store.remote, detail=False) if e.rstrip("/").rsplit("/", 1)[-1] < final
+                           and e.rstrip("/").rsplit("/", 1)[-1].startswith("step"))
+            for old in steps[: max(0, len(steps) - (keep - 1))]:
+                fs.rm(old, recursive=True)
+        except Exception as err:
+            if not _is_store_failure(err):
+                raise
+            log.warning("checkpoint %s is committed, but older ones in %s were not removed (%s: %s); the next "
+                        "save tries again", final, store.remote, type(err).__name__, err)
         log.info("checkpoint %s/%s saved", store.remote, final)
-    ctx.barrier()
+    ctx.barrier()  # committed; if the commit failed, no rank gets here
+    if ctx.local_rank == 0:  # the staging copy follows the store: the newest checkpoint only
+        for old in sorted(store.local.glob("step*"))[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(store.local / LATEST, final)
 
 
 def load_latest(engine, ckpt_dir: Path) -> dict[str, Any] | None:
