@@ -27,10 +27,19 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
-S3_RETRIES = {"mode": "standard", "max_attempts": 5}
-"""botocore's retry config for every S3 request: 5 attempts with exponential backoff and jitter on
-500/502/503/504, throttling (SlowDown) and dropped connections; ``$AWS_RETRY_MODE`` and
-``$AWS_MAX_ATTEMPTS`` override it. s3fs retries a failed call a few more times on top."""
+S3_RETRIES = {"mode": "standard", "total_max_attempts": 5}
+"""botocore's retry config for every S3 request: 5 tries in all (the first and 4 retries) with
+exponential backoff and jitter on 500/502/503/504, throttling (SlowDown) and dropped connections;
+``$AWS_RETRY_MODE`` and ``$AWS_MAX_ATTEMPTS`` (botocore's meaning: tries in all) override it. s3fs
+retries a failed call a few more times on top. (``max_attempts`` in a botocore config counts
+retries only: 5 there would be 6 tries, and not what ``$AWS_MAX_ATTEMPTS=5`` means.)"""
+
+
+def s3_retry_env() -> dict[str, str]:
+    """:data:`S3_RETRIES` as botocore's environment variables, for the S3 clients that llm2clip does not
+    build itself: MLflow's S3 artifact repository, in this process (``llm2clip.registry`` sets them
+    unless set) or in an ``mlflow server`` that proxies artifacts to S3 (set them in its environment)."""
+    return {"AWS_RETRY_MODE": str(S3_RETRIES["mode"]), "AWS_MAX_ATTEMPTS": str(S3_RETRIES["total_max_attempts"])}
 
 
 def s3_filesystem(endpoint_url: str = ""):
@@ -39,7 +48,7 @@ def s3_filesystem(endpoint_url: str = ""):
 
     client_kwargs = {"endpoint_url": endpoint_url} if endpoint_url else {}
     retries = {"mode": os.environ.get("AWS_RETRY_MODE", S3_RETRIES["mode"]),
-               "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", S3_RETRIES["max_attempts"]))}
+               "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", S3_RETRIES["total_max_attempts"]))}
     return fsspec.filesystem("s3", client_kwargs=client_kwargs,
                              config_kwargs={"retries": retries, "connect_timeout": 10, "read_timeout": 60})
 

@@ -21,8 +21,20 @@ backend's unique constraint deciding), so exactly one champion results, the bett
 
 Reruns are idempotent: each version carries a ``content_fingerprint`` (sha256 of the weights,
 the model config, the metrics and the encoder fingerprint); a rerun on the same inputs finds
-that version and returns it (``reused=True``) without creating another one. A version whose
-registration was cut short (no ``promotion_decision`` yet) is finished by the rerun.
+that version and returns it (``reused=True``) without creating another one.
+
+A registration cut short (the tracking server or its artifact store failing mid-way) leaves
+nothing that readers take as finished, and its rerun finishes it instead of adding a version:
+
+- a version is created only after all its files are uploaded, with all its lineage tags at once
+  and ``registration_state=incomplete``;
+- the gate writes the decision tags first, then moves ``challenger`` / ``champion``, and marks the
+  version ``registration_state=complete`` last: an alias (``models:/<name>@champion``,
+  :func:`load_champion`, :func:`champion_metrics`, the next gate) never points at a version whose
+  tags are not all written;
+- the rerun's "same content" lookup reuses only a complete version; an incomplete one is gated
+  again (taking over the alias lock that the cut registration may have left) and completed;
+- an outage is one :class:`RegistrationError` line (``register failed: ...``, exit code 2).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 import warnings
@@ -43,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip import tower_kinds
-from llm2clip.io import StageError, sha256_file
+from llm2clip.io import StageError, s3_retry_env, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +66,7 @@ METRIC_PREFIX = "metric."
 FINGERPRINT_TAG = "content_fingerprint"
 ENCODER_FINGERPRINT_TAG = "caption_encoder_fingerprint"
 DECISION_TAG, REASON_TAG = "promotion_decision", "promotion_reason"
+STATE_TAG, COMPLETE, INCOMPLETE = "registration_state", "complete", "incomplete"
 DATA_REVISION_TAG = "data_revision"
 PROMOTED, NOT_PROMOTED = "promoted", "not_promoted"
 # A registered model name (and the caption encoder's): what MLflow accepts in a models:/ URI.
@@ -196,10 +210,16 @@ def pip_requirements(tower_kind: str = "") -> list[str]:
 
 @contextlib.contextmanager
 def _tracking(uri: str) -> Iterator[Any]:
-    """Point MLflow's fluent API at ``uri`` for the block (restored after); yields a client."""
+    """Point MLflow's fluent API at ``uri`` for the block (restored after); yields a client.
+
+    MLflow's own S3 client (artifacts written or read directly, not through the server) gets the
+    project's S3 retries (:func:`llm2clip.io.s3_retry_env`) unless the environment sets them.
+    """
     from mlflow.tracking import MlflowClient
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+    for key, value in s3_retry_env().items():
+        os.environ.setdefault(key, value)
     with _use_tracking_uri(uri):
         yield MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -208,6 +228,13 @@ def _find_version(client: Any, name: str, tag: str, value: str) -> Any:
     """The newest version of ``name`` whose tag ``tag`` equals ``value`` (None if none)."""
     found = client.search_model_versions(f"name = '{name}' and tags.`{tag}` = '{value}'")
     return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _complete(model_version: Any) -> bool:
+    """Whether the version's registration finished (versions from before ``registration_state``
+    existed count as finished once they have their decision)."""
+    tags = model_version.tags
+    return tags.get(STATE_TAG, COMPLETE) == COMPLETE and DECISION_TAG in tags
 
 
 def _ensure_registered_model(client: Any, name: str, description: str) -> None:
@@ -324,7 +351,6 @@ def decide(value: float, champion: Any, primary_metric: str, margin: float,
 
 def _stage_model(model_dir: Path, tmp: Path) -> Path:
     """Only the exported files (a train_vision output may hold checkpoints next to them)."""
-    import os
     import shutil
 
     from llm2clip.vision.model import CONFIG_FILE, WEIGHTS_FILE
@@ -382,7 +408,9 @@ def register_model(model_dir: str | Path, caption_encoder_dir: str | Path | None
         What was registered and decided.
 
     Raises:
-        RegistrationError: No metrics, no primary metric, or not a model / encoder dir.
+        RegistrationError: No metrics, no primary metric, or not a model / encoder dir; or the
+            tracking server (or its artifact store) failed mid-way: nothing unfinished is visible
+            through an alias, and a rerun finishes the registration.
     """
     for given in (name, caption_encoder_name or name):
         if not _NAME.match(given):
@@ -392,11 +420,11 @@ def register_model(model_dir: str | Path, caption_encoder_dir: str | Path | None
     encoder_fp = encoder_fingerprint(caption_encoder_dir) if caption_encoder_dir else ""
     fingerprint = content_fingerprint(weights_sha, config, flat, encoder_fp)
     value = flat[primary_metric]
-    with _tracking(tracking_uri) as client:
+    with _tracking(tracking_uri) as client, _cut_short_is_one_error(name, tracking_uri):
         _ensure_registered_model(client, name, "LLM2CLIP: images and/or captions -> unit-norm embeddings.")
         champion = _champion(client, name)
         version = _find_version(client, name, FINGERPRINT_TAG, fingerprint)
-        if version is not None and DECISION_TAG in version.tags:
+        if version is not None and _complete(version):
             log.info("%s/%s has the same content (%s): reused", name, version.version, fingerprint[:12])
             version = client.get_model_version(name, str(version.version))  # search omits aliases
             return _result(client, version, True, value, primary_metric, champion)
@@ -404,18 +432,44 @@ def register_model(model_dir: str | Path, caption_encoder_dir: str | Path | None
             version_tags = _version_tags(
                 {**_run_data_revision(client, run_id), **(tags or {})}, flat, primary_metric=primary_metric,
                 promote_margin=promote_margin, greater_is_better=greater_is_better, weights_sha256=weights_sha,
-                embed_dim=config.get("embed_dim", ""), **{FINGERPRINT_TAG: fingerprint})
+                embed_dim=config.get("embed_dim", ""), **{FINGERPRINT_TAG: fingerprint, STATE_TAG: INCOMPLETE})
             version = _create_version(
                 client, Path(model_dir), caption_encoder_dir, name=name, config=config, tags=version_tags,
                 encoder_name=caption_encoder_name or name + ENCODER_SUFFIX, encoder_fp=encoder_fp,
                 experiment_id=_experiment_id(client, experiment, run_id), run_id=run_id)
         else:
             log.info("finishing the interrupted registration of %s/%s", name, version.version)
-        with registry_lock(client, name):  # the champion now, not the one before the (slow) upload
+        with registry_lock(client, name, gating=str(version.version)):  # the champion now, not before the upload
             champion = _champion(client, name)
             _gate(client, version, value, primary_metric, promote_margin, greater_is_better, champion)
         version = client.get_model_version(name, str(version.version))
         return _result(client, version, False, value, primary_metric, champion)
+
+
+@contextlib.contextmanager
+def _cut_short_is_one_error(name: str, tracking_uri: str) -> Iterator[None]:
+    """The tracking server (or its artifact store) failing mid-way: one :class:`RegistrationError`."""
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+
+    from llm2clip.tracking import is_outage
+
+    try:
+        yield
+    except (MlflowException, RequestException) as err:  # not a local OSError (a full disk says so itself)
+        if not is_outage(err):
+            raise
+        first = err  # the failed request itself, not a later one of MLflow cleaning up after it
+        while isinstance(inner := first.__cause__ or first.__context__, MlflowException) and is_outage(inner):
+            first = inner
+        text = " ".join(str(first).split())
+        where = re.search(r"request to \S*?/api/2\.0/(\S+)", text)
+        cause = text.partition("(Caused by ")[2].removesuffix(")") or text
+        raise RegistrationError(
+            f"registering {name} was cut short: the MLflow server {tracking_uri} (or its artifact store) failed"
+            f"{' on ' + where[1] if where else ''} ({cause[:300]}); no alias points at a version with missing files or "
+            "tags: run register again once it answers, it finishes this registration without a duplicate version"
+        ) from err
 
 
 LOCK_SUFFIX = ".lock"
@@ -425,18 +479,19 @@ LOCK_STALE_S = 600.0  # a lock older than this was left by a registration that d
 
 @contextlib.contextmanager
 def registry_lock(client: Any, name: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S,
-                  poll_s: float = 0.5) -> Iterator[None]:
+                  poll_s: float = 0.5, gating: str = "") -> Iterator[None]:
     """Hold the alias lock of registered model ``name`` for the block.
 
     The lock is a registered model ``<name>.lock``: creating one that exists fails in the
     backend (a unique name), so one client holds it at a time, on any store MLflow supports. Its
-    tags say who holds it since when; one older than ``stale_s`` (its holder died) is deleted and
-    taken, with a warning.
+    tags say who holds it since when, and which version it gates; one older than ``stale_s`` (its
+    holder died) is deleted and taken, with a warning. So is one held for the version ``gating``
+    (a registration of it cut short by an outage could not release it; gating that version again
+    decides the same). It is released only while it is still this holder's.
 
     Raises:
         RegistrationError: still held by another registration after ``wait_s``.
     """
-    import os
     import socket
     import time
     import uuid
@@ -447,16 +502,18 @@ def registry_lock(client: Any, name: str, wait_s: float = LOCK_WAIT_S, stale_s: 
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            client.create_registered_model(lock, tags={"owner": owner, "since": f"{time.time():.3f}"},
+            client.create_registered_model(lock, tags={"owner": owner, "since": f"{time.time():.3f}",
+                                                       **({"version": gating} if gating else {})},
                                            description=f"held while a registration of {name} moves its aliases")
             break
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         held = _lock_holder(client, lock)
-        if held is not None and time.time() - held[1] > stale_s:
-            log.warning("registry lock %s held by %s since %.0f s: stale, broken", lock, held[0],
-                        time.time() - held[1])
+        age = time.time() - held[1] if held is not None else 0.0
+        if held is not None and (age > stale_s or (gating and held[2] == gating)):
+            why = "stale, broken" if age > stale_s else f"held for version {gating}, which this call finishes: taken"
+            log.warning("registry lock %s held by %s since %.0f s: %s", lock, held[0], age, why)
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model(lock)
             continue
@@ -468,26 +525,47 @@ def registry_lock(client: Any, name: str, wait_s: float = LOCK_WAIT_S, stale_s: 
     try:
         yield
     finally:
-        try:
+        _release(client, lock, owner, stale_s)
+
+
+def _release(client: Any, lock: str, owner: str, stale_s: float) -> None:
+    """Delete the lock if it is still ``owner``'s; an outage leaves it (a warning says so)."""
+    from mlflow.exceptions import MlflowException
+
+    from llm2clip.tracking import is_outage
+
+    try:
+        held = _lock_holder(client, lock, quiet=False)
+        if held is not None and held[0] == owner:
             client.delete_registered_model(lock)
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            log.warning("registry lock %s was broken by another registration while held (held over %.0f s)",
-                        lock, stale_s)
+            return
+    except MlflowException as err:
+        if is_outage(err):  # the error that cut the block short (if any) goes on
+            log.warning("registry lock %s could not be released (the tracking server does not answer): the "
+                        "rerun of this registration takes it over; others wait until it is stale (%.0f s) or "
+                        "someone deletes it", lock, stale_s)
+            return
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    log.warning("registry lock %s was broken by another registration while held (held over %.0f s)", lock, stale_s)
 
 
-def _lock_holder(client: Any, lock: str) -> tuple[str, float] | None:
+def _lock_holder(client: Any, lock: str, quiet: bool = True) -> tuple[str, float, str] | None:
+    """``(owner, since, version gated)`` of the lock; None when there is none (or, ``quiet``, it
+    cannot be read)."""
     from mlflow.exceptions import MlflowException
 
     try:
         tags = client.get_registered_model(lock).tags
-    except MlflowException:
-        return None  # released meanwhile
+    except MlflowException as err:
+        if quiet or err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None  # released meanwhile
+        raise
     try:
-        return tags.get("owner", "?"), float(tags.get("since", "0"))
+        since = float(tags.get("since", "0"))
     except ValueError:
-        return tags.get("owner", "?"), 0.0
+        since = 0.0
+    return tags.get("owner", "?"), since, tags.get("version", "")
 
 
 def _create_version(client: Any, model_dir: Path, encoder_dir: str | Path | None, *, name: str,
@@ -523,20 +601,24 @@ def _create_version(client: Any, model_dir: Path, encoder_dir: str | Path | None
 
 def _gate(client: Any, version: Any, value: float, primary_metric: str, margin: float,
           greater_is_better: bool, champion: Any) -> None:
-    """``challenger`` on the version; ``champion`` if it wins; the decision tags last."""
-    name = version.name
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    if champion is not None and str(champion.version) == str(version.version):
-        promote, reason = True, "already the champion (an interrupted registration, finished now)"
+    """Decide; write the decision tags; move ``challenger`` (and ``champion`` if it wins); mark the
+    version complete. In this order, an alias never points at a version whose tags are not all
+    written, and a registration cut short anywhere here is incomplete, so its rerun gates it again."""
+    name, number = version.name, str(version.version)
+    if champion is not None and str(champion.version) == number:  # cut short after the champion moved
+        promote, before = True, version.tags.get("champion_before", "")
+        reason = version.tags.get(REASON_TAG) or "already the champion (an interrupted registration, finished now)"
     else:
         promote, _, reason = decide(value, champion, primary_metric, margin, greater_is_better)
+        before = str(champion.version) if champion is not None else ""
+    decision = PROMOTED if promote else NOT_PROMOTED
+    for key, tag in (("champion_before", before), (REASON_TAG, reason), (DECISION_TAG, decision)):
+        client.set_model_version_tag(name, number, key, tag)
+    client.set_registered_model_alias(name, CHALLENGER, number)
     if promote:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-    client.set_model_version_tag(name, version.version, "champion_before",
-                                 str(champion.version) if champion is not None else "")
-    client.set_model_version_tag(name, version.version, REASON_TAG, reason)
-    client.set_model_version_tag(name, version.version, DECISION_TAG, PROMOTED if promote else NOT_PROMOTED)
-    log.info("%s/%s: %s (%s)", name, version.version, PROMOTED if promote else NOT_PROMOTED, reason)
+        client.set_registered_model_alias(name, CHAMPION, number)
+    client.set_model_version_tag(name, number, STATE_TAG, COMPLETE)
+    log.info("%s/%s: %s (%s)", name, number, decision, reason)
 
 
 def _version_of(model_version: Any) -> str | None:

@@ -4,7 +4,8 @@ Every request goes through to the real S3 API unless a rule matches it first: an
 S3 error (``503 SlowDown``, ``500 InternalError``), or drop the connection without an answer
 (what a lost node or a load balancer reset looks like). Rules match on method and a regex of the
 path and can fire a limited number of times. ``stop()`` takes the proxy away (connection refused).
-Nothing is mocked: the client (s3fs / botocore) and the server (moto) are the real ones.
+Nothing is mocked: the client (s3fs / botocore) and the server (moto) are the real ones. It fronts
+an MLflow server just as well (tests/test_registration_faults.py).
 """
 
 from __future__ import annotations
@@ -78,16 +79,20 @@ class FaultProxy:
                 answer = conn.getresponse()
                 data = answer.read()
                 self.send_response(answer.status)
+                # a HEAD has no body: its Content-Length is the object's, passed on as it is
+                dropped = ("transfer-encoding", "connection", "date", "server") + (
+                    () if self.command == "HEAD" else ("content-length",))
                 for key, value in answer.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                    if key.lower() not in dropped:
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
 
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any  # noqa: N815
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = _any  # noqa: N815 (PATCH: MLflow's API)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

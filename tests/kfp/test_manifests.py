@@ -339,3 +339,14 @@ def test_cluster_profiles_name_what_the_manifests_create(profile):
     for entry in settings["secrets"]:
         assert entry["secret"] in templates, entry["secret"]
         assert set(entry["env"].values()) <= set(templates[entry["secret"]]["stringData"]), entry
+
+
+def test_the_mlflow_server_retries_s3_as_the_stages_do():
+    """The server uploads the registry's artifacts (``--artifacts-destination``): its botocore gets
+    the stages' retry settings (tests/test_registration_faults.py drills them)."""
+    from llm2clip.io import s3_retry_env
+
+    server = [c for _, _, c in containers(render("base")) if c["name"] == "mlflow"]
+    assert server, "no mlflow container in manifests/base"
+    env = {e["name"]: e.get("value") for e in server[0].get("env", [])}
+    assert {k: env.get(k) for k in s3_retry_env()} == s3_retry_env()
